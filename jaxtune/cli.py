@@ -1,0 +1,220 @@
+"""The `jaxtune` command: train | export | generate | chat | data inspect | plot | estimate.
+
+Each command names its implementation as a ``"module:function"`` string (`TARGETS`) imported only when the
+command runs, so ``jaxtune --help`` answers at once and never imports JAX. Errors meant for users (a
+`ConfigError`, the `USER_ERRORS` of other modules, a command whose module cannot be imported) print one
+``jaxtune: error: ...`` paragraph and exit with status 2, without a traceback; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jaxtune.config import ConfigError, GenerationConfig, dump_yaml, load_config
+from jaxtune.typed_yaml import Invalid
+
+TARGETS = {
+    "train": "jaxtune.train.loop:run",  # run(cfg: RunConfig)
+    "export": "jaxtune.export:main",  # main(args)
+    "generate": "jaxtune.generate_cli:main",  # main(args); args.generation is a GenerationConfig
+    "chat": "jaxtune.generate_cli:main",
+    "data inspect": "jaxtune.data.inspect:main",  # main(cfg)
+    "plot": "jaxtune.train.plot:main",  # main(run_dir, out=None)
+    "estimate": "jaxtune.estimate:main",  # main(cfg)
+}
+# Errors other modules raise for users (bad data, a broken checkpoint): printed like a ConfigError. Looked up
+# only in modules already imported, so listing one here never imports it.
+USER_ERRORS = (
+    "jaxtune.data.errors:DataError",
+    "jaxtune.models.safetensors_io:CheckpointError",
+    "jaxtune.models.families:UnsupportedModelError",
+)
+CONFIG_COMMANDS = ("train", "data inspect", "estimate")  # take CONFIG [overrides...] and get a RunConfig
+
+EPILOG = """\
+examples:
+  jaxtune train configs/demo.yaml
+  jaxtune train configs/sft/llama_lora.yaml training.learning_rate=1e-4 data.train=[a.json,b.json]
+  jaxtune train configs/demo.yaml --print-config     # check a config without running it
+  jaxtune export --checkpoint runs/demo --out exported --merge
+  jaxtune chat --model exported
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=32)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "config", metavar="CONFIG", help="YAML run config (holds only the differences from defaults)"
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="section.field=value",
+        help="override any config field, e.g. training.learning_rate=1e-4 or method.target_modules=[q_proj,v_proj]",
+    )  # fmt: skip
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Sampling flags; None means "GenerationConfig's default", which the help shows."""
+    d = GenerationConfig()
+    p.add_argument("--model", metavar="DIR", required=True, help="Hugging Face model directory")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory applied on top of --model")
+    p.add_argument("--template", metavar="NAME", help="chat template name (default: the tokenizer's own)")
+    p.add_argument("--system", metavar="TEXT", help="system prompt")
+    p.add_argument(
+        "--max-new-tokens", type=int, metavar="N", help=f"tokens to generate (default: {d.max_new_tokens})"
+    )
+    p.add_argument("--temperature", type=float, metavar="T", help=f"0 = greedy (default: {d.temperature})")
+    p.add_argument("--top-k", type=int, metavar="K", help=f"0 = off (default: {d.top_k})")
+    p.add_argument("--top-p", type=float, metavar="P", help=f"nucleus sampling mass (default: {d.top_p})")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop string; repeat for several")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxtune", formatter_class=_Formatter, epilog=EPILOG,
+        description="Fine-tune open LLMs in JAX/Flax: SFT, PEFT, DPO, RLHF, from one GPU to TPU pods.",
+    )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.set_defaults(print_help=parser.print_help)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    def command(name: str, help: str, parent: Any = sub) -> argparse.ArgumentParser:
+        return parent.add_parser(
+            name, help=help, description=help[0].upper() + help[1:] + ".", formatter_class=_Formatter
+        )
+
+    _add_config_args(command("train", "fine-tune a model as a YAML config (and overrides) describes"))
+
+    p = command("export", "write a checkpoint as a Hugging Face model or a PEFT adapter")
+    p.add_argument(
+        "--checkpoint",
+        metavar="RUN_DIR_OR_STEP",
+        required=True,
+        help="run directory (latest step) or step directory",
+    )
+    p.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--adapter", action="store_true", help="write only the adapter, in PEFT-library format")
+    kind.add_argument(
+        "--merge", action="store_true", help="merge adapters into the base weights; write a full HF model"
+    )
+    p.add_argument("--config", metavar="CONFIG", help="run config, when the run directory has none")
+
+    p = command("generate", "complete a prompt with a model (and optional adapter)")
+    _add_sampling_args(p)
+    p.add_argument("--prompt", metavar="TEXT", help="prompt text (default: read from stdin)")
+    _add_sampling_args(command("chat", "chat with a model in the terminal"))
+
+    p = command("data", "dataset tools: data inspect CONFIG")
+    p.set_defaults(print_help=p.print_help)
+    data = p.add_subparsers(dest="data_command", metavar="COMMAND", title="commands")
+    _add_config_args(
+        command("inspect", "show how a config's data is read, templated, tokenised and batched", data)
+    )
+
+    p = command("plot", "plot the loss and metric curves of a run")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (holding metrics.jsonl)")
+    p.add_argument("--out", metavar="FILE", help="image path (default: inside RUN_DIR)")
+
+    _add_config_args(command("estimate", "estimate parameter, optimiser and activation memory for a config"))
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("jaxtune")
+    except Exception:  # not installed (running from a checkout)
+        return "(not installed)"
+
+
+class _Unavailable(Exception):
+    """A command whose implementation cannot be imported."""
+
+
+def _target(command: str) -> Callable[..., Any]:
+    spec = TARGETS[command]
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except ImportError as e:
+        missing = getattr(e, "name", None) or ""
+        if isinstance(e, ModuleNotFoundError) and (module == missing or module.startswith(missing + ".")):
+            raise _Unavailable(
+                f"'jaxtune {command}' is not available: module {module} is not installed."
+            ) from None
+        raise _Unavailable(
+            f"'jaxtune {command}' is not available: importing {module} failed ({type(e).__name__}: {e}). "
+            "A dependency may be missing; `pip install -e .` installs them."
+        ) from None
+    if not callable(fn):
+        raise _Unavailable(f"'jaxtune {command}' is not available: {module} defines no function '{name}'.")
+    return fn
+
+
+def _is_user_error(e: Exception) -> bool:
+    if isinstance(e, (ConfigError, _Unavailable)):
+        return True
+    for spec in USER_ERRORS:
+        module, _, name = spec.partition(":")
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(e, cls):
+            return True
+    return False
+
+
+def _run(args: argparse.Namespace, command: str) -> Any:
+    if command in CONFIG_COMMANDS:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        return _target(command)(cfg)
+    if command == "plot":
+        return _target(command)(args.run_dir, out=args.out)
+    if command in ("generate", "chat"):
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)}
+        given = {k: tuple(v) if k == "stop" else v for k, v in given.items() if v is not None}
+        try:
+            args.generation = GenerationConfig(**given)
+        except Invalid as e:
+            raise ConfigError(f"--{e.field.replace('_', '-')} {e.detail}.") from None
+    return _target(command)(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    command = "data " + (args.data_command or "") if args.command == "data" else args.command
+    if command in CONFIG_COMMANDS:  # overrides may follow options: train x.yaml --print-config a.b=1
+        args.overrides += [a for a in extra if re.fullmatch(r"[A-Za-z_][\w.]*=.*", a, re.S)]
+        extra = [a for a in extra if a not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    show_help = vars(args).pop("print_help")
+    if command not in TARGETS:  # no command, or `jaxtune data` alone
+        show_help(sys.stderr)
+        return 2
+    try:
+        result = _run(args, command)
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        print(f"jaxtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxtune: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0

@@ -1,0 +1,23 @@
+"""Decoder-only model families (Llama, Mistral, Qwen2/3, Gemma, GPT-2) as one functional Flax decoder."""
+
+from jaxtune.models.arch import ArchConfig, PeftSpec
+from jaxtune.models.families import SUPPORTED, UnsupportedModelError, arch_from_hf
+from jaxtune.models.hf import from_hf_config, load_model, save_model
+from jaxtune.models.model import Adapters, Model, init_params, param_logical_axes
+from jaxtune.models.safetensors_io import CheckpointError
+
+__all__ = [
+    "SUPPORTED",
+    "Adapters",
+    "ArchConfig",
+    "CheckpointError",
+    "Model",
+    "PeftSpec",
+    "UnsupportedModelError",
+    "arch_from_hf",
+    "from_hf_config",
+    "init_params",
+    "load_model",
+    "param_logical_axes",
+    "save_model",
+]

@@ -1,0 +1,148 @@
+"""The decoder: embed -> nn.scan(nn.remat(Block)) -> norm, and the LM head. One implementation for every family.
+
+Layers are stacked with `nn.scan`, so compile time does not grow with depth and every layer parameter has a
+leading `layers` axis; `scan_layers=False` builds the same blocks unrolled (`layers_0`, `layers_1`, ...) for
+reference checks and debugging. `remat` trades compute for activation memory ("full" saves nothing inside a
+block, "dots" keeps the matmul outputs that have no batch dimension, as MaxText's "minimal" policy).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtune.models import adapters_hook
+from jaxtune.models.arch import ArchConfig
+from jaxtune.models.layers import INIT_STD, Block, Norm, Proj, rope_tables
+
+REMAT_POLICIES = {
+    "full": None,  # recompute everything in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class _ScanBlock(Block):
+    """`nn.scan` wants (carry, x) -> (carry, y): the residual stream is the carry."""
+
+    def __call__(self, x, mask, cos, sin, positions, window):
+        return super().__call__(x, mask, cos, sin, positions, window), None
+
+
+def attention_mask(segment_ids: jax.Array, virtual: bool = False) -> jax.Array:
+    """[B, T] segment ids (0 = padding) -> [B, 1, T, T] bool: causal and within one document.
+
+    Padding tokens share segment 0, so each pad row still sees itself (no all-masked rows, hence no NaN),
+    and no real token ever sees a pad or another packed document.
+    """
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))  # [T, T]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
+    if virtual:  # prompt tuning: virtual tokens (segment -1, first in the row) are seen by every segment
+        same = same | (segment_ids[:, None, :] == adapters_hook.VIRTUAL_SEGMENT)
+    return (same & causal)[:, None]  # [B, 1, T, T]
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its own segment: restarts at 0 at every segment change. [B, T]"""
+    idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], dtype=bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def neftune_noise(rng, x, segment_ids, alpha: float):
+    """NEFTune (Jain et al. 2023, Alg. 1): Uniform(-1, 1) * alpha / sqrt(L * d), L = the row's real tokens."""
+    real = (segment_ids != 0).astype(jnp.float32)  # [B, T]
+    length = jnp.maximum(real.sum(-1, keepdims=True), 1.0)[..., None]  # [B, 1, 1]
+    scale = alpha / jnp.sqrt(length * x.shape[-1])
+    noise = jax.random.uniform(rng, x.shape, jnp.float32, -1.0, 1.0) * scale * real[..., None]
+    return noise.astype(x.dtype)
+
+
+class Decoder(nn.Module):
+    arch: ArchConfig
+    deterministic: bool = True
+
+    def setup(self):
+        a = self.arch
+        embed_init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed"))
+        self.embed_tokens = nn.Embed(
+            a.vocab_size,
+            a.hidden_size,
+            embedding_init=embed_init,
+            param_dtype=a.weight_dtype,
+            dtype=a.compute_dtype,
+        )
+        if a.positions == "learned":
+            pos_init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("length", "embed"))
+            self.embed_positions = nn.Embed(
+                a.max_position_embeddings,
+                a.hidden_size,
+                embedding_init=pos_init,
+                param_dtype=a.weight_dtype,
+                dtype=a.compute_dtype,
+            )
+        block = Block
+        if a.scan_layers:
+            block = _ScanBlock
+        if a.remat != "none":
+            block = nn.remat(block, policy=REMAT_POLICIES[a.remat], prevent_cse=not a.scan_layers)
+        if a.scan_layers:
+            collections = ("params", *adapters_hook.COLLECTIONS)
+            stack = lambda n: nn.scan(
+                block,
+                variable_axes={c: 0 for c in collections},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                length=n,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(a, self.deterministic)
+            split = a.peft.layer_split  # freeze-tuning: two stacks, so one can stay frozen without weight grads
+            self.layers = stack(split or a.num_layers)
+            if split:
+                self.top_layers = stack(a.num_layers - split)
+        else:
+            self.layers = [block(a, self.deterministic) for _ in range(a.num_layers)]
+        self.norm = Norm(a)
+        if not a.tie_word_embeddings:
+            self.lm_head = Proj(
+                a.vocab_size, ("embed", "vocab"), use_bias=False, arch=a, deterministic=self.deterministic
+            )
+
+    def __call__(self, input_ids, segment_ids, positions):  # [B, T] ints -> hidden [B, T, D]
+        a = self.arch
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        x = adapters_hook.embed(self, input_ids, x)  # LoRA on embed_tokens
+        # prompt tuning / P-tuning: [B, P + T, D] with P virtual tokens first; positions shifted by P
+        x, segment_ids, positions = adapters_hook.virtual_tokens(self, x, segment_ids, positions)
+        if a.embed_scale:
+            # Gemma: the normaliser is cast to the activation dtype first (HF GemmaModel).
+            x = x * jnp.asarray(a.hidden_size**0.5, dtype=x.dtype)
+        if a.neftune_alpha and not self.deterministic:
+            x = x + neftune_noise(self.make_rng("dropout"), x, segment_ids, a.neftune_alpha)
+        if a.positions == "learned":
+            x = x + self.embed_positions(positions)
+        mask = attention_mask(segment_ids, virtual=a.peft.prompt_tokens > 0)  # [B, 1, T, T]
+        cos = sin = None
+        if a.positions == "rope":
+            cos, sin = rope_tables(a, positions, a.compute_dtype)  # [B, T, H]
+        windows = jnp.asarray(a.layer_windows or (0,) * a.num_layers, jnp.int32)  # [L]
+        if a.scan_layers:
+            split = a.peft.layer_split or a.num_layers
+            x, _ = self.layers(x, mask, cos, sin, positions, windows[:split] if a.layer_windows else None)
+            if a.peft.layer_split:
+                x, _ = self.top_layers(x, mask, cos, sin, positions, windows[split:] if a.layer_windows else None)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, mask, cos, sin, positions, windows[i] if a.layer_windows else None)
+        return adapters_hook.strip_virtual(self, self.norm(x))  # [B, T, D]
+
+    def logits(self, hidden):  # [B, T, D] -> [B, T, V]
+        if self.arch.tie_word_embeddings:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def forward_logits(self, input_ids, segment_ids, positions):
+        return self.logits(self(input_ids, segment_ids, positions))

@@ -1,0 +1,210 @@
+"""Hugging Face directories in and out: config.json + safetensors <-> `Model`, without torch.
+
+Loading streams one tensor at a time from memory-mapped safetensors straight into each parameter's sharding
+(`jax.make_array_from_callback` asks only for the slices the local devices hold), so the host never holds two
+full copies of the model. Export writes config.json, sharded safetensors with an index, and the tokenizer, in the
+layout `transformers.AutoModelForCausalLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from jaxtune.models.arch import DTYPES, ArchConfig
+from jaxtune.models.families import IGNORED_SUFFIXES, TensorMap, arch_from_hf, tensor_maps
+from jaxtune.models.model import Model, abstract_variables, init_params
+from jaxtune.models.safetensors_io import CheckpointError, Lazy, SafetensorsReader, write_sharded
+
+log = logging.getLogger(__name__)
+
+
+def read_hf_config(directory: str | Path) -> dict:
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected a Hugging Face model directory)")
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no config.json — is this a Hugging Face model directory?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def load_tokenizer(directory: str | Path):
+    """`transformers.AutoTokenizer` on the same directory, or None when it holds no tokenizer files."""
+    d = Path(directory)
+    if not any(
+        (d / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    ):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+def _part(t: np.ndarray, m: TensorMap) -> np.ndarray:
+    if m.part is not None:
+        idx, n = m.part
+        size = t.shape[-1] // n
+        t = t[..., idx * size : (idx + 1) * size]
+    return t.T if m.transpose else t
+
+
+def _check(reader: SafetensorsReader, maps: list[TensorMap], shapes: dict, n_layers: int) -> None:
+    """Every tensor present with the right shape, or one error listing what is wrong and where."""
+    problems = []
+    for m in maps:
+        want = shapes[m.path][1:] if m.per_layer else shapes[m.path]
+        for i in range(n_layers) if m.per_layer else [None]:
+            name = m.hf.format(i=i)
+            if name not in reader:
+                problems.append(f"missing tensor {name}")
+                continue
+            got = reader.shape(name)
+            if m.part:
+                got = (*got[:-1], got[-1] // m.part[1])
+            got = got[::-1] if m.transpose else got
+            if tuple(got) != tuple(want):
+                problems.append(
+                    f"tensor {name} has shape {reader.shape(name)}, config.json implies {tuple(want)}"
+                )
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError(
+            f"{reader.dir}: checkpoint does not match its config.json: {'; '.join(problems[:5])}{more}"
+        )
+
+
+def load_params(directory, arch: ArchConfig, shardings=None):
+    """Params pytree (stacked layers) from safetensors; each leaf built straight into its sharding, if given."""
+    reader = SafetensorsReader(directory)
+    stacked = arch.replace(scan_layers=True)
+    abstract = traverse_util.flatten_dict(abstract_variables(stacked)["params"])
+    shapes = {k: tuple(v.value.shape if hasattr(v, "value") else v.shape) for k, v in abstract.items()}
+    maps = {m.path: m for m in tensor_maps(arch)}
+    _check(reader, list(maps.values()), shapes, arch.num_layers)
+    flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+    dtype = DTYPES[arch.param_dtype]
+    used, out = set(), {}
+    for path, shape in shapes.items():
+        m = maps[path]
+
+        def read(index, m=m):  # the slice `index` of this leaf, in our layout
+            if not m.per_layer:
+                return np.asarray(_part(reader.get(m.hf), m)[index], dtype=dtype)
+            layers = range(arch.num_layers)[index[0]]
+            return np.stack(
+                [np.asarray(_part(reader.get(m.hf.format(i=i)), m)[index[1:]], dtype=dtype) for i in layers]
+            )
+
+        used.update(m.hf.format(i=i) for i in range(arch.num_layers)) if m.per_layer else used.add(m.hf)
+        sharding = flat_shardings.get(path)
+        if sharding is None:
+            out[path] = jax.device_put(read(tuple(slice(None) for _ in shape)))
+        else:
+            out[path] = jax.make_array_from_callback(shape, sharding, read)
+    unused = [n for n in reader.names() if reader.resolve(n) not in {reader.resolve(u) for u in used}]
+    unused = [n for n in unused if not n.endswith(IGNORED_SUFFIXES) and n != "lm_head.weight"]
+    if unused:
+        log.warning("%s: %d checkpoint tensors unused, e.g. %s", directory, len(unused), unused[:3])
+    params = traverse_util.unflatten_dict(out)
+    return params if arch.scan_layers else unstack_layers(params, arch.num_layers)
+
+
+def load_model(
+    path, dtype="float32", param_dtype="float32", shardings=None, tokenizer=True, **runtime
+) -> Model:
+    """`jaxtune.load_model`: a local HF directory -> Model (params in `param_dtype`, compute in `dtype`)."""
+    cfg = read_hf_config(path)
+    arch = arch_from_hf(cfg, dtype=dtype, param_dtype=param_dtype, **runtime)
+    params = load_params(path, arch, shardings)
+    tok = load_tokenizer(path) if tokenizer else None
+    return Model(arch=arch, params=params, tokenizer=tok, hf_config=cfg, path=str(path))
+
+
+def from_hf_config(hf_config: dict, rng=0, tokenizer=None, **runtime) -> Model:
+    """A randomly initialised model from HF config keys (e.g. {"model_type": "llama", "hidden_size": 64, ...})."""
+    from transformers import AutoConfig
+
+    kwargs = dict(hf_config)
+    model_type = kwargs.pop("model_type", None)
+    if model_type is None:
+        raise CheckpointError("random_init needs a `model_type` (e.g. llama, qwen2, gpt2)")
+    full = AutoConfig.for_model(model_type, **kwargs).to_dict()
+    arch = arch_from_hf(full, **runtime)
+    return Model(arch=arch, params=init_params(arch, rng), tokenizer=tokenizer, hf_config=full)
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+    """{"layers_0": t0, "layers_1": t1, ...} -> {"layers": stacked} (the scanned layout)."""
+    layers = [params[f"layers_{i}"] for i in range(n_layers)]
+    rest = {k: v for k, v in params.items() if not re.fullmatch(r"layers_\d+", k)}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jax.numpy.stack(xs), *layers)}
+
+
+def unstack_layers(params: dict, n_layers: int) -> dict:
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return {
+        **rest,
+        **{f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(n_layers)},
+    }
+
+
+def hf_tensors(params: dict, arch: ArchConfig, dtype) -> list[Lazy]:
+    """Lazy HF tensors from our params, fused parts (GPT-2 c_attn) concatenated back."""
+    if not arch.scan_layers:
+        params = stack_layers(params, arch.num_layers)
+    flat = traverse_util.flatten_dict(params)
+    groups: dict[str, list[TensorMap]] = {}
+    for m in tensor_maps(arch):
+        groups.setdefault(m.hf, []).append(m)
+    out = []
+    for hf, ms in groups.items():
+        ms = sorted(ms, key=lambda m: m.part or (0, 1))
+        for i in range(arch.num_layers) if ms[0].per_layer else [None]:
+
+            def fn(ms=ms, i=i):
+                parts = [
+                    np.asarray(jax.device_get(flat[m.path] if i is None else flat[m.path][i])) for m in ms
+                ]
+                t = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+                return t.T if ms[0].transpose else t
+
+            leaf = flat[ms[0].path]
+            shape = leaf.shape[1:] if i is not None else leaf.shape
+            if len(ms) > 1:
+                shape = (*shape[:-1], shape[-1] * len(ms))
+            out.append(Lazy(hf.format(i=i), shape[::-1] if ms[0].transpose else shape, dtype, fn))
+    return out
+
+
+def parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected e.g. '5GB', '500MB' or a number of bytes")
+    return int(float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m.group(2)])
+
+
+def save_model(model: Model, out_dir, max_shard_size: str | int = "5GB", dtype: str | None = None) -> Path:
+    """`jaxtune.save_model`: write a directory `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or model.arch.param_dtype
+    cfg = dict(model.hf_config)
+    cfg["torch_dtype"] = cfg["dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
+        stale.unlink()  # a previous export with another shard count must not be mixed into this one
+    write_sharded(out, hf_tensors(model.params, model.arch, DTYPES[dtype]), parse_size(max_shard_size))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(out))
+    return out

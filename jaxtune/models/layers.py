@@ -1,0 +1,206 @@
+"""Building blocks of the decoder: norms, RoPE (default / linear / llama3), attention, MLPs, and `Proj`.
+
+Every parameter is created with logical axis names (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`, `head_dim`)
+so `parallel/rules.py` can shard it; `nn.scan` in `decoder.py` prepends `layers`. Numerics follow Hugging Face
+exactly (norms in fp32, RoPE tables in fp32 then cast, HF's rotate-half layout) so fp32 logits agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtune.models import adapters_hook
+from jaxtune.models.arch import ArchConfig
+
+INIT_STD = 0.02
+Axes = tuple[str | None, ...]
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: Axes):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Norm(nn.Module):
+    """RMSNorm (Llama/Qwen/Mistral, Gemma's `1 + w` variant) or LayerNorm (GPT-2), computed in fp32."""
+
+    arch: ArchConfig
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):  # [..., D]
+        a = self.arch
+        d = x.shape[-1]
+        scale_init = nn.initializers.zeros if a.norm_plus_one else nn.initializers.ones
+        scale = param_with_axes(self, "scale", scale_init, (d,), a.weight_dtype, (self.axis_name,))
+        h = x.astype(jnp.float32)
+        if a.norm == "layer":
+            bias = param_with_axes(
+                self, "bias", nn.initializers.zeros, (d,), a.weight_dtype, (self.axis_name,)
+            )
+            mean = h.mean(-1, keepdims=True)
+            var = jnp.square(h - mean).mean(-1, keepdims=True)
+            h = (h - mean) * jax.lax.rsqrt(var + a.norm_eps)
+            return (h * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+        h = h * jax.lax.rsqrt(jnp.square(h).mean(-1, keepdims=True) + a.norm_eps)
+        if a.norm_plus_one:
+            # Gemma scales in fp32 before the cast (HF GemmaRMSNorm), Llama casts first (LlamaRMSNorm).
+            return (h * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+        return scale.astype(x.dtype) * h.astype(x.dtype)
+
+
+def rope_inv_freq(arch: ArchConfig) -> jax.Array:
+    """Inverse frequencies [head_dim // 2], with HF's `rope_type` scalings (default, linear, llama3)."""
+    rope = arch.rope
+    dim = arch.head_dim
+    inv_freq = 1.0 / (arch.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / rope["factor"]
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, a smooth ramp in between.
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_ctx = rope["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def rope_tables(arch: ArchConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, head_dim] for integer positions [B, T] (fp32 math, cast like HF)."""
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(arch)  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, hd]: HF's rotate-half layout
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, H]; cos/sin [B, T, H]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class Proj(nn.Module):
+    """A linear projection `x @ W (+ b)` whose name mirrors the HF module (`q_proj`, `down_proj`, ...).
+
+    This is the one hook through which weight-space adapters enter the model: `adapters_hook.project`
+    reads the adapter collections (`lora`, `ia3`, `quant`) of this module, when present, and otherwise
+    computes the plain matmul. Kernels are stored [in, out] (HF Linear weights are [out, in]).
+    """
+
+    features: int
+    axes: Axes  # logical names of (in, out)
+    use_bias: bool
+    arch: ArchConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):  # [..., in] -> [..., out]
+        return adapters_hook.project(self, x)
+
+    def base_kernel(self, in_features: int):
+        a = self.arch
+        init = nn.initializers.normal(INIT_STD)
+        return param_with_axes(self, "kernel", init, (in_features, self.features), a.weight_dtype, self.axes)
+
+    def base_bias(self):
+        if not self.use_bias:
+            return None
+        a = self.arch
+        return param_with_axes(
+            self, "bias", nn.initializers.zeros, (self.features,), a.weight_dtype, self.axes[1:]
+        )
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+class MLP(nn.Module):
+    arch: ArchConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, D]
+        a = self.arch
+        act = ACTIVATIONS[a.activation]
+        kw = dict(use_bias=a.mlp_bias, arch=a, deterministic=self.deterministic)
+        up = Proj(a.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)  # [B, T, F]
+        if a.gated_mlp:
+            gate = Proj(a.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+            h = act(gate) * up
+        else:
+            h = act(up)
+        return Proj(a.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h)  # [B, T, D]
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`."""
+
+    arch: ArchConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin, positions, window):  # x [B, T, D]; mask [B, 1, T, S] bool
+        a = self.arch
+        b, t, _ = x.shape
+        n, k, hd = a.num_heads, a.num_kv_heads, a.head_dim
+        kw = dict(use_bias=a.qkv_bias, arch=a, deterministic=self.deterministic)
+        q = Proj(n * hd, ("embed", "heads"), name="q_proj", **kw)(x).reshape(b, t, n, hd)  # [B, T, N, H]
+        key = Proj(k * hd, ("embed", "kv_heads"), name="k_proj", **kw)(x).reshape(b, t, k, hd)  # [B, T, K, H]
+        val = Proj(k * hd, ("embed", "kv_heads"), name="v_proj", **kw)(x).reshape(b, t, k, hd)  # [B, T, K, H]
+        if a.qk_norm:
+            q = Norm(a, axis_name="head_dim", name="q_norm")(q)
+            key = Norm(a, axis_name="head_dim", name="k_norm")(key)
+        if a.positions == "rope":
+            q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
+        # prefix tuning / P-tuning v2: learned keys/values at positions 0..P-1 before the real ones
+        key, val, mask, key_pos = adapters_hook.prefix_kv(self, key, val, mask, positions)
+        out = attend(a, q, key, val, mask, window, positions, key_pos)  # [B, T, N, H]
+        out = out.reshape(b, t, n * hd)
+        o_kw = dict(use_bias=a.o_bias, arch=a, deterministic=self.deterministic)
+        return Proj(a.hidden_size, ("heads", "embed"), name="o_proj", **o_kw)(out)
+
+
+def attend(arch: ArchConfig, q, k, v, mask, window, q_pos, k_pos):
+    """Masked softmax attention. `mask` already holds causality, segments and padding for the xla path."""
+    if window is not None:
+        # Sliding window (Mistral, Qwen2 layer_types): key j is visible from query i iff pos_i - pos_j < window.
+        # Positions, not row indices, so a packed or padded document (and its virtual tokens / prefix, at
+        # positions 0..P-1) sees exactly what it would see alone; within one document the two coincide.
+        dist = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
+        mask = mask & ((window <= 0) | (dist < window))[:, None]
+    impl = arch.attention_impl
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "xla" else impl)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x)) (+ bottleneck adapters)."""
+
+    arch: ArchConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin, positions, window):  # [B, T, D]
+        a, det = self.arch, self.deterministic
+        h = Norm(a, name="input_layernorm")(x)
+        h = Attention(a, det, name="self_attn")(h, mask, cos, sin, positions, window)
+        h = adapters_hook.bottleneck(self, h, "attn_adapter", det)  # Houlsby: after attention
+        x = x + h
+        h = MLP(a, det, name="mlp")(Norm(a, name="post_attention_layernorm")(x))
+        h = adapters_hook.bottleneck(self, h, "mlp_adapter", det)  # Houlsby / Pfeiffer: after the MLP
+        return x + h

@@ -1,0 +1,90 @@
+"""Tiny random Hugging Face models built locally (no hub): config -> torch model -> perturb -> save_pretrained.
+
+Every tensor is perturbed away from its init so norm weights are not 1 and biases not 0: a mapping bug that
+swaps, drops or mis-transposes a tensor then shows up in the logits instead of hiding behind an identity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+
+# family name -> HF config kwargs (each a real architecture switch of that family)
+FAMILIES = {
+    "llama": dict(model_type="llama", num_key_value_heads=2, **COMMON),
+    # Llama 3.2 style: llama3 rope scaling, tied head, GQA, attention/mlp biases off
+    "llama3": dict(
+        model_type="llama",
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+        rope_theta=500000.0,
+        **COMMON,
+    ),
+    "mistral": dict(model_type="mistral", num_key_value_heads=2, sliding_window=4, **COMMON),
+    "qwen2": dict(
+        model_type="qwen2",
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+        **COMMON,
+    ),
+    "qwen3": dict(model_type="qwen3", num_key_value_heads=2, head_dim=32, **COMMON),
+    "gemma": dict(model_type="gemma", num_key_value_heads=1, head_dim=16, **COMMON),
+    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+}
+
+
+def build_hf(family: str, seed: int = 0, **overrides):
+    """A perturbed random transformers model (eval mode, fp32) for one family."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {**FAMILIES[family], **overrides}
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_hf(family: str, directory, seed: int = 0, **overrides):
+    model = build_hf(family, seed, **overrides)
+    model.save_pretrained(directory)
+    return model
+
+
+def hf_logits(model, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
+    """transformers logits with explicit positions (HF does not derive them from a left-padded mask)."""
+    import torch
+
+    ids = torch.tensor(np.asarray(input_ids))
+    mask = None if attention_mask is None else torch.tensor(np.asarray(attention_mask))
+    if position_ids is None and attention_mask is not None:
+        position_ids = np.clip(np.asarray(attention_mask).cumsum(-1) - 1, 0, None)
+    pos = None if position_ids is None else torch.tensor(np.asarray(position_ids))
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float().numpy()
+
+
+def padded_batch(seed: int = 0, length: int = 12):
+    """Two rows: one left-padded by 3, one right-padded by 4 (the cases generation and training produce)."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(1, VOCAB, size=(2, length))
+    mask = np.ones((2, length), dtype=np.int64)
+    mask[0, :3] = 0
+    mask[1, length - 4 :] = 0
+    return ids, mask

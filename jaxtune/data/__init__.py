@@ -1,0 +1,33 @@
+"""Data pipeline: load any common dataset format, template, mask, pack and batch it resumably.
+
+Public API (see `../shared/DESIGN.md`):
+    records = jaxtune.data.load(source, dataset_dir=None, format=None)
+    ids, labels = jaxtune.data.encode(record, tokenizer, template=None)
+    train_it, eval_it = jaxtune.data.pipeline.build(data_cfg, tokenizer, batch_size, stage)
+    jaxtune.data.inspect.run(data_cfg, tokenizer)
+"""
+
+from jaxtune.data import inspect, pipeline
+from jaxtune.data.batch import KTOBatch, PreferenceBatch, PromptBatch, TokenBatch
+from jaxtune.data.errors import DataError
+from jaxtune.data.loading import load
+from jaxtune.data.records import Conversation, Message, Preference, Text
+from jaxtune.data.templates import TEMPLATES
+from jaxtune.data.tokenize import encode
+
+__all__ = [
+    "TEMPLATES",
+    "Conversation",
+    "DataError",
+    "KTOBatch",
+    "Message",
+    "Preference",
+    "PreferenceBatch",
+    "PromptBatch",
+    "Text",
+    "TokenBatch",
+    "encode",
+    "inspect",
+    "load",
+    "pipeline",
+]

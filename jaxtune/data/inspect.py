@@ -1,0 +1,151 @@
+"""`jaxtune data inspect`: what the pipeline will feed the model, before spending accelerator time on it.
+
+`run(data_cfg, tokenizer, stage)` prints counts (loaded, kept, filtered and skipped by reason, truncated), a
+histogram of token lengths, packing efficiency, and a few rendered samples with the trained tokens
+highlighted (green; prompt tokens dim) so a wrong template or label mask is visible at a glance. It returns
+the same facts as a dict, for tests and scripts.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from jaxtune.data import pipeline
+from jaxtune.data.batching import item_len
+from jaxtune.data.order import MemoryOrder
+
+_GREEN, _DIM, _RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
+
+
+def _examples(kind: str, item) -> list[tuple[str, object]]:
+    """(label, Example) pairs to show for one item."""
+    if kind == "lm":
+        return [("", item)]
+    if kind == "pair":
+        return [("chosen", item[0]), ("rejected", item[1])]
+    if kind == "kto":
+        return [(f"label={item[1]}", item[0])]
+    return [(f"answer={item[1]!r}", None)]
+
+
+def highlight(ids, weights, tokenizer, color: bool = True) -> str:
+    """Decode `ids`, trained runs in green (or [[...]] without colour), the rest dim."""
+    out, i = [], 0
+    trained = np.asarray(weights) > 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and trained[j] == trained[i]:
+            j += 1
+        text = tokenizer.decode([int(t) for t in ids[i:j]])
+        if color:
+            out.append((_GREEN if trained[i] else _DIM) + text + _RESET)
+        else:
+            out.append(f"[[{text}]]" if trained[i] else text)
+        i = j
+    return "".join(out)
+
+
+def histogram(lengths, cutoff_len: int, width: int = 40) -> list[str]:
+    edges = [0] + [2**k for k in range(5, 20) if 2**k < cutoff_len] + [cutoff_len, np.inf]
+    counts, _ = np.histogram(lengths, bins=edges)
+    top = max(1, counts.max(initial=0))
+    lines = []
+    for lo, hi, n in zip(edges[:-1], edges[1:], counts):
+        label = f"{int(lo):>6}-{'' if hi == np.inf else int(hi):<6}"
+        lines.append(f"  {label} {n:>7} {'#' * int(round(width * n / top))}")
+    return lines
+
+
+def run(
+    data_cfg,
+    tokenizer,
+    stage: str = "sft",
+    *,
+    num_samples: int = 3,
+    batch_size: int = 8,
+    out=None,
+    color=None,
+    seed: int | None = None,
+):
+    """Print a report on the data `data_cfg` (a DataConfig-like object) describes; return it as a dict."""
+    out = out or sys.stdout
+    color = out.isatty() if color is None and hasattr(out, "isatty") else bool(color)
+    kw = {} if seed is None else {"seed": seed}
+    train_it, eval_it = pipeline.build(data_cfg, tokenizer, batch_size, stage, **kw)
+    order, kind = train_it.order, train_it.kind
+    if isinstance(order, MemoryOrder):
+        items = [it for ds in order.datasets for it in ds]
+    else:  # streaming: the first window is the sample
+        items = order.window(0, 0)[0]
+    lengths = [item_len(kind, it) for it in items]
+    cutoff = getattr(data_cfg, "cutoff_len", None) or 1024
+    report = train_it.report
+    print(f"== data for stage '{stage}' ==", file=out)
+    for line in report.lines():
+        print(line, file=out)
+    if eval_it is not None:
+        print(f"eval examples: {sum(len(d) for d in eval_it.order.datasets)}", file=out)
+    print(f"examples: {len(items)}; tokens: {sum(lengths)}", file=out)
+    if lengths:
+        print(f"token lengths: min {min(lengths)}, mean {np.mean(lengths):.1f}, max {max(lengths)}", file=out)
+        for line in histogram(lengths, cutoff):
+            print(line, file=out)
+    steps = train_it.steps_per_epoch() if items else 0
+    eff = None
+    if train_it.packing and items:
+        rows = train_it.rows_per_epoch()
+        eff = sum(lengths) / (rows * train_it.seq_len)
+        print(f"packing: {rows} rows of {train_it.seq_len} tokens, efficiency {eff:.1%}", file=out)
+    print(f"steps per epoch at batch size {batch_size}: {steps}", file=out)
+    for n, item in enumerate(items[:num_samples]):
+        print(f"\n-- sample {n} --", file=out)
+        for label, ex in _examples(kind, item):
+            if label:
+                print(f"[{label}]", file=out)
+            if ex is None:  # prompts: nothing trained
+                print(tokenizer.decode([int(t) for t in item[0]]), file=out)
+            else:
+                print(highlight(ex.ids, ex.weights, tokenizer, color), file=out)
+    return {
+        "examples": len(items),
+        "tokens": int(sum(lengths)),
+        "lengths": lengths,
+        "filtered": dict(report.filtered),
+        "skipped": dict(report.skipped),
+        "truncated": report.truncated,
+        "packing_efficiency": eff,
+        "steps_per_epoch": steps,
+    }
+
+
+def _tokenizer(model_cfg):
+    name = model_cfg.tokenizer or model_cfg.path
+    if name == "builtin:chars":
+        from jaxtune import demo
+
+        return demo.char_tokenizer()
+    if not name:
+        raise ValueError("data inspect needs a tokenizer: set model.tokenizer or model.path")
+    from transformers import AutoTokenizer  # lazily: heavy
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def main(cfg) -> dict:
+    """`jaxtune data inspect CONFIG`: `cfg` is a RunConfig; its model gives the tokenizer."""
+    data_cfg = cfg.data
+    if "builtin:demo" in tuple(data_cfg.train):  # the demo config's generated data, as `train` makes it
+        import dataclasses
+        import tempfile
+        from pathlib import Path
+
+        from jaxtune import demo
+
+        train_file, eval_file = demo.write_dataset(
+            Path(tempfile.mkdtemp(prefix="jaxtune-inspect-")), seed=cfg.seed
+        )
+        train = tuple(str(train_file) if s == "builtin:demo" else s for s in data_cfg.train)
+        data_cfg = dataclasses.replace(data_cfg, train=train, eval=tuple(data_cfg.eval) or (str(eval_file),))
+    return run(data_cfg, _tokenizer(cfg.model), cfg.stage, batch_size=cfg.training.batch_size, seed=cfg.seed)

@@ -1,0 +1,146 @@
+"""Records -> stage items, with truncation and length filters counted in the `Report`.
+
+| stage            | batch kind | item                                   |
+|------------------|------------|----------------------------------------|
+| pt               | lm         | Example (all tokens trained; long documents split into cutoff_len rows) |
+| sft              | lm         | Example (prompt masked; truncated prompt-first)  |
+| rm, dpo, orpo, simpo | pair   | (chosen Example, rejected Example) sharing the prompt budget |
+| kto              | kto        | (Example, label)                      |
+| ppo, grpo        | prompt     | (prompt ids, reference answer or None) |
+"""
+
+from __future__ import annotations
+
+import logging
+
+from jaxtune.data import prepare
+from jaxtune.data.batching import chunk, truncate
+from jaxtune.data.errors import DataError, ErrorPolicy
+from jaxtune.data.records import Conversation, Preference, Text, where
+from jaxtune.data.tokenize import encode_example, encode_pair, encode_prompt
+
+log = logging.getLogger("jaxtune.data")
+
+STAGE_KIND = {
+    "pt": "lm",
+    "sft": "lm",
+    "rm": "pair",
+    "dpo": "pair",
+    "orpo": "pair",
+    "simpo": "pair",
+    "kto": "kto",
+    "ppo": "prompt",
+    "grpo": "prompt",
+}
+
+
+def kind_of(stage: str) -> str:
+    if stage not in STAGE_KIND:
+        raise ValueError(f"unknown stage '{stage}' (one of {', '.join(STAGE_KIND)})")
+    return STAGE_KIND[stage]
+
+
+class Encoder:
+    """Callable record -> list of items (empty when filtered or skipped); counts everything in `report`."""
+
+    def __init__(
+        self,
+        tokenizer,
+        stage: str,
+        *,
+        template=None,
+        cutoff_len: int = 1024,
+        train_on_prompt: bool = False,
+        mask_history: bool = False,
+        min_length: int | None = None,
+        overlength: str = "truncate",
+        policy: ErrorPolicy | None = None,
+        report: prepare.Report | None = None,
+    ):
+        if overlength not in ("truncate", "drop"):
+            raise ValueError(f"overlength must be 'truncate' or 'drop', got {overlength!r}")
+        self.tokenizer, self.stage, self.kind = tokenizer, stage, kind_of(stage)
+        self.template, self.cutoff_len = template, int(cutoff_len)
+        self.opts = {"train_on_prompt": train_on_prompt, "mask_history": mask_history}
+        self.min_length, self.overlength = min_length or 0, overlength
+        self.policy = policy or ErrorPolicy("raise")
+        self.report = report if report is not None else prepare.Report()
+        self.bos_id = getattr(tokenizer, "bos_token_id", None)
+
+    def __call__(self, record) -> list:
+        try:
+            return self._items(record)
+        except DataError as err:
+            self.policy.handle(err.at(**where(record)))  # raises, or counts and logs the skip
+            return []
+
+    def _fits(self, n: int) -> bool:
+        if n < self.min_length:
+            self.report.filtered[f"shorter than min_length={self.min_length}"] += 1
+            return False
+        if n > self.cutoff_len and self.overlength == "drop":
+            self.report.filtered[f"longer than cutoff_len={self.cutoff_len}"] += 1
+            return False
+        if n > self.cutoff_len:
+            self.report.truncated += 1
+        return True
+
+    def _wrong(self, record, wanted: str) -> DataError:
+        return DataError(
+            f"a {type(record).__name__} record cannot train stage '{self.stage}' (needs {wanted})",
+            reason="wrong record type",
+            **where(record),
+        )
+
+    def _items(self, record) -> list:
+        if self.kind == "lm":
+            if isinstance(record, Preference):
+                raise self._wrong(record, "text or conversations")
+            pt = self.stage == "pt"
+            opts = {**self.opts, "train_on_prompt": pt or self.opts["train_on_prompt"]}
+            ex = encode_example(record, self.tokenizer, self.template, **opts)
+            if not self._fits(len(ex)):
+                return []
+            if len(ex) <= self.cutoff_len:
+                return [ex]
+            if pt or isinstance(record, Text):
+                self.report.truncated -= 1
+                self.report.chunked += 1
+                return chunk(ex, self.cutoff_len)
+            return [truncate(ex, self.cutoff_len, self.bos_id)]
+        if self.kind == "pair":
+            if not isinstance(record, Preference):
+                raise self._wrong(record, "chosen and rejected responses")
+            c, r = encode_pair(record, self.tokenizer, self.template, **self.opts)
+            if not self._fits(max(len(c), len(r))):
+                return []
+            resp = max(len(c) - c.prompt_len, len(r) - r.prompt_len)
+            return [
+                (
+                    truncate(c, self.cutoff_len, self.bos_id, resp),
+                    truncate(r, self.cutoff_len, self.bos_id, resp),
+                )
+            ]
+        if not isinstance(record, Conversation):
+            raise self._wrong(record, "conversations")
+        if self.kind == "kto":
+            if record.label is None:
+                raise DataError(
+                    "KTO needs a boolean label per record",
+                    field="label",
+                    reason="missing field",
+                    **where(record),
+                )
+            ex = encode_example(record, self.tokenizer, self.template, **self.opts)
+            if not self._fits(len(ex)):
+                return []
+            return [(truncate(ex, self.cutoff_len, self.bos_id), record.label)]
+        prompt = prepare.as_prompt(record)
+        ids = encode_prompt(prompt, self.tokenizer, self.template)
+        if len(ids) > self.cutoff_len:  # a cut prompt would be a different question: drop it
+            self.report.filtered[f"prompt longer than cutoff_len={self.cutoff_len}"] += 1
+            return []
+        if len(ids) < self.min_length:
+            self.report.filtered[f"shorter than min_length={self.min_length}"] += 1
+            return []
+        return [(ids, prompt.answer)]

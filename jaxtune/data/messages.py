@@ -1,0 +1,189 @@
+"""Message lists -> `Message`s: ShareGPT (`from`/`value`) and OpenAI/TRL (`role`/`content`) conventions.
+
+Tag names are remappable exactly as LLaMA-Factory's `dataset_info.json` `tags` does (role_tag, content_tag,
+user_tag, assistant_tag, observation_tag, function_tag, system_tag). The OpenAI convention adds `tool` (and the
+older `function`, Llama's `ipython`) for tool results, `developer` for system, and assistant `tool_calls`, which
+become a `function_call` message whose content is the JSON LLaMA-Factory stores ({"name", "arguments"}).
+"""
+
+from __future__ import annotations
+
+import json
+
+from jaxtune.data.errors import DataError
+from jaxtune.data.records import Message
+
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+OPENAI_TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "observation_tag": "tool",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+# Extra role names accepted under the OpenAI convention (they have no LLaMA-Factory tag).
+_OPENAI_ALIASES = {"developer": "system", "function": "observation", "ipython": "observation"}
+_TAG_TO_ROLE = {
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+
+
+def role_map(tags: dict) -> dict[str, str]:
+    mapping = {tags[key]: role for key, role in _TAG_TO_ROLE.items() if tags.get(key)}
+    if tags.get("role_tag") == "role":
+        for name, role in _OPENAI_ALIASES.items():
+            mapping.setdefault(name, role)
+    return mapping
+
+
+def guess_tags(first_message) -> dict:
+    """ShareGPT tags when the message has `from`, OpenAI tags when it has `role` (the common variants)."""
+    if isinstance(first_message, dict) and "role" in first_message and "from" not in first_message:
+        return dict(OPENAI_TAGS)
+    return dict(SHAREGPT_TAGS)
+
+
+def as_list(value, field: str, loc: dict) -> list:
+    """A list, or a JSON string holding one (CSV and Parquet cells often store lists as JSON text)."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"cell holds malformed JSON ({e.msg})", field=field, reason="malformed JSON", **loc
+            ) from None
+    if not isinstance(value, list | tuple):
+        raise DataError(
+            f"expected a list of messages, got {type(value).__name__}",
+            field=field,
+            reason="wrong type",
+            **loc,
+        )
+    return list(value)
+
+
+def text_content(value, field: str, loc: dict) -> str:
+    """Message content as text: a string, or OpenAI content parts of type text (joined)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        parts = []
+        for i, part in enumerate(value):
+            if part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+                raise DataError(
+                    f"content part of type '{part.get('type')}' is not supported (text only)",
+                    field=f"{field}[{i}]",
+                    reason="unsupported content",
+                    **loc,
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+    raise DataError(f"expected a string, got {type(value).__name__}", field=field, reason="wrong type", **loc)
+
+
+def _tool_calls_content(calls, field: str, loc: dict) -> str:
+    out = []
+    for i, call in enumerate(calls if isinstance(calls, list) else [calls]):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or "name" not in fn:
+            raise DataError(
+                "tool call needs a function name", field=f"{field}[{i}]", reason="bad tool call", **loc
+            )
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                pass  # keep the model's raw argument text
+        out.append({"name": fn["name"], "arguments": args})
+    return json.dumps(out[0] if len(out) == 1 else out, ensure_ascii=False)
+
+
+def _loss_weight(msg: dict, field: str, loc: dict) -> float | None:
+    for key in ("loss_weight", "weight"):
+        if msg.get(key) is not None:
+            w = msg[key]
+            if isinstance(w, bool) or not isinstance(w, int | float) or w < 0:
+                raise DataError(
+                    f"loss weight must be a number >= 0, got {w!r}",
+                    field=f"{field}.{key}",
+                    reason="wrong type",
+                    **loc,
+                )
+            return float(w)
+    return None
+
+
+def parse_messages(value, tags: dict, field: str, loc: dict) -> list[Message]:
+    """Messages of one record; `field` is the column name, used in error messages."""
+    items = as_list(value, field, loc)
+    roles = role_map(tags)
+    role_tag, content_tag = tags["role_tag"], tags["content_tag"]
+    out = []
+    for i, msg in enumerate(items):
+        here = f"{field}[{i}]"
+        if not isinstance(msg, dict):
+            raise DataError(
+                f"expected a message object, got {type(msg).__name__}", field=here, reason="wrong type", **loc
+            )
+        if role_tag not in msg:
+            raise DataError(
+                f"message has no '{role_tag}' (keys: {sorted(msg)}); set tags.role_tag",
+                field=here,
+                reason="missing field",
+                **loc,
+            )
+        name = msg[role_tag]
+        role = roles.get(name)
+        if role is None:
+            raise DataError(
+                f"unknown role {name!r} (expected one of {sorted(roles)}); map it with tags "
+                f"(user_tag, assistant_tag, system_tag, function_tag, observation_tag)",
+                field=f"{here}.{role_tag}",
+                reason="unknown role",
+                **loc,
+            )
+        if role == "assistant" and msg.get("tool_calls"):
+            content = _tool_calls_content(msg["tool_calls"], f"{here}.tool_calls", loc)
+            out.append(Message("function_call", content, _loss_weight(msg, here, loc)))
+            continue
+        if content_tag not in msg:
+            raise DataError(
+                f"message has no '{content_tag}' (keys: {sorted(msg)}); set tags.content_tag",
+                field=here,
+                reason="missing field",
+                **loc,
+            )
+        content = text_content(msg[content_tag], f"{here}.{content_tag}", loc)
+        out.append(Message(role, content, _loss_weight(msg, here, loc)))
+    return out
+
+
+def split_system(messages: list[Message], field: str, loc: dict) -> tuple[str | None, list[Message]]:
+    """A leading system message becomes the record's system prompt; a later one is an error."""
+    system, offset = None, 0
+    if messages and messages[0].role == "system":
+        system, messages, offset = messages[0].content, messages[1:], 1
+    for i, m in enumerate(messages):
+        if m.role == "system":
+            raise DataError(
+                "a system message may only come first",
+                field=f"{field}[{i + offset}]",
+                reason="misplaced system",
+                **loc,
+            )
+    return system, messages

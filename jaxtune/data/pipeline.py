@@ -1,0 +1,192 @@
+"""The whole data pipeline: sources -> records -> clean -> split -> items -> resumable batch iterators.
+
+`build(data_cfg, tokenizer, batch_size, stage)` reads a config object by attribute (duck-typed: jaxtune's
+`DataConfig` or anything with the same fields) and calls `iterators(...)`, the config-free function with one
+keyword per field. Its keyword defaults mirror `DataConfig`'s, for use without a config.
+
+In memory (default), every source is loaded, cleaned and tokenised up front: dedup and exact epoch lengths
+need the whole dataset. With `streaming=True` records are read, cleaned and tokenised window by window, so
+the data never has to fit in memory (dedup then is not available, and a validation split must be a count).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxtune.data import prepare
+from jaxtune.data.errors import ErrorPolicy
+from jaxtune.data.items import Encoder, kind_of
+from jaxtune.data.iterator import BatchIterator
+from jaxtune.data.loading import iter_records, load, resolve
+from jaxtune.data.order import MemoryOrder, StreamOrder
+
+log = logging.getLogger("jaxtune.data")
+
+# DataConfig fields read by `build` (those absent on the object keep `iterators`' defaults).
+FIELDS = (
+    "train", "eval", "dataset_dir", "format", "template", "cutoff_len", "packing", "train_on_prompt",
+    "mask_history", "val_size", "shuffle", "seed", "dedup", "streaming", "on_error", "min_length",
+    "bucket_multiple", "overlength", "max_samples", "seed",
+)  # fmt: skip
+
+
+class Iterators(NamedTuple):
+    train: BatchIterator
+    eval: BatchIterator | None
+
+
+def build(data_cfg, tokenizer, batch_size: int, stage: str, **kw) -> Iterators:
+    """Train and eval iterators from a DataConfig-like object.
+
+    `kw` overrides or adds keywords of `iterators`: seed (the run's), eval_batch_size, epochs, window.
+    """
+    fields = {name: getattr(data_cfg, name) for name in FIELDS if getattr(data_cfg, name, None) is not None}
+    fields.update(kw)  # explicit keywords win, e.g. seed=run_cfg.seed (DataConfig has no seed of its own)
+    return iterators(tokenizer=tokenizer, batch_size=batch_size, stage=stage, **fields)
+
+
+def _sources(spec, dataset_dir, format):
+    if spec is None:
+        return []
+    specs = list(spec) if isinstance(spec, list | tuple) else [spec]
+    return [resolve(s, dataset_dir, format) for s in specs]
+
+
+def _ratios(sources) -> list[float] | None:
+    given = [s.ratio is not None for s in sources]
+    if any(given) and not all(given):
+        raise ValueError("give every train source a ratio, or none (then they are concatenated)")
+    return [float(s.ratio) for s in sources] if all(given) and len(sources) > 1 else None
+
+
+def iterators(
+    train,
+    tokenizer,
+    batch_size: int,
+    stage: str = "sft",
+    *,
+    eval=None,
+    dataset_dir=None,
+    format=None,
+    template=None,
+    cutoff_len: int = 1024,
+    packing: bool = False,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+    val_size: float = 0.0,
+    shuffle: bool = True,
+    seed: int = 0,
+    dedup: str = "none",
+    streaming: bool = False,
+    on_error: str = "raise",
+    min_length: int | None = None,
+    bucket_multiple: int = 64,
+    overlength: str = "truncate",
+    max_samples: int | None = None,
+    eval_batch_size: int | None = None,
+    epochs: int | None = None,
+    window: int = 4096,
+) -> Iterators:
+    kind = kind_of(stage)
+    if packing and kind != "lm":
+        raise ValueError(f"packing is for pt/sft; stage '{stage}' pairs or labels whole examples")
+    policy = ErrorPolicy(on_error)
+
+    def encoder(report):
+        return Encoder(
+            tokenizer, stage, template=template, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt,
+            mask_history=mask_history, min_length=min_length, overlength=overlength, policy=policy, report=report,
+        )  # fmt: skip
+
+    train_src = _sources(train, dataset_dir, format)
+    if not train_src:
+        raise ValueError("data.train names no source")
+    eval_src = _sources(eval, dataset_dir, format)
+    ratios = _ratios(train_src)
+    common = dict(packing=packing, seq_len=cutoff_len, bucket_multiple=bucket_multiple, seed=seed)
+    report, eval_report = prepare.Report(), prepare.Report()
+    enc = encoder(report)
+    val_size = 0 if eval_src else val_size  # explicit eval sources replace the held-out split
+    if streaming:
+        if dedup not in (None, "none"):
+            raise ValueError("dedup needs the whole dataset: set streaming=False, or dedup offline")
+        if val_size and val_size < 1:
+            raise ValueError(
+                "with streaming, val_size must be a count (the first N records of the first source)"
+            )
+        order = _stream_order(train_src, enc, ratios, seed, shuffle, window, int(val_size), max_samples)
+        eval_sets = _stream_eval(train_src[0], int(val_size), encoder(eval_report)) if val_size else []
+    else:
+        loaded = [_load(src, policy, dedup, report, max_samples, seed) for src in train_src]
+        total, train_sets, eval_sets = sum(map(len, loaded)), [], []
+        for records in loaded:
+            if val_size:
+                # A count is shared across sources in proportion to their sizes; a ratio applies to each.
+                n_val = val_size if val_size < 1 else round(val_size * len(records) / max(1, total))
+                records, val, _ = prepare.split(records, n_val, seed=seed)
+                eval_sets += [it for r in val for it in encoder(eval_report)(r)]
+            train_sets.append([it for r in records for it in enc(r)])
+        order = MemoryOrder(train_sets, ratios, seed, shuffle, window)
+    for src in eval_src:
+        records = _load(src, policy, "none", eval_report, max_samples, seed)
+        eval_sets += [it for r in records for it in encoder(eval_report)(r)]
+    train_it = BatchIterator(order, kind, batch_size, shuffle=shuffle, epochs=epochs, **common)
+    eval_it = None
+    if eval_sets:
+        eval_order = MemoryOrder([eval_sets], None, seed, shuffle=False, window=window)
+        eval_it = BatchIterator(eval_order, kind, eval_batch_size or batch_size, shuffle=False, epochs=1, drop_last=False, **common)  # fmt: skip
+    report.skipped, eval_report.skipped = policy.skipped, policy.skipped
+    train_it.report, train_it.policy = report, policy
+    if eval_it is not None:
+        eval_it.report = eval_report
+    for line in report.lines():
+        log.info("data: %s", line)
+    if report.truncated:
+        log.warning(
+            "data: %d samples were longer than cutoff_len=%d and truncated", report.truncated, cutoff_len
+        )
+    policy.log_summary()
+    return Iterators(train_it, eval_it)
+
+
+def _load(src, policy, dedup, report, max_samples, seed) -> list:
+    records, _ = prepare.clean(load(src, policy=policy), dedup, report=report)
+    if max_samples is not None and len(records) > max_samples:
+        # data.max_samples: a seeded random subset of each source (file order kept).
+        keep = np.sort(np.random.default_rng([seed, 11]).permutation(len(records))[:max_samples])
+        records = [records[i] for i in keep]
+    return records
+
+
+def _stream_items(src, enc, skip: int, stop: int | None):
+    for record in itertools.islice(iter_records(src, enc.policy), skip, stop):
+        record = prepare.normalize(record)
+        if prepare.is_empty(record):
+            enc.report.filtered["empty"] += 1
+            yield []
+        else:
+            yield enc(record)
+
+
+def _stream_order(sources, enc, ratios, seed, shuffle, window, n_val: int, max_samples):
+    """Source 0 starts after its first `n_val` records (the validation split); max_samples: first N."""
+
+    def opener(src, base):
+        stop = None if max_samples is None else base + max_samples
+        return lambda k: _stream_items(src, enc, base + k, stop)
+
+    opens = [opener(s, n_val if d == 0 else 0) for d, s in enumerate(sources)]
+    return StreamOrder(opens, ratios, seed, shuffle, window)
+
+
+def _stream_eval(src, n: int, enc):
+    items = []
+    for record in itertools.islice(iter_records(src, enc.policy), n):
+        record = prepare.normalize(record)
+        if not prepare.is_empty(record):
+            items += enc(record)
+    return items

@@ -1,0 +1,146 @@
+"""Cleaning before tokenisation: normalise, drop empty records and duplicates, split off validation/test.
+
+Normalisation is conservative so code and formatting survive: Unicode NFC, CRLF/CR -> LF, BOM and zero-width
+no-break spaces removed, outer whitespace of each text stripped; inner whitespace is kept. Every dropped record
+is counted by reason in a `Report`, which `inspect` prints and the pipeline logs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import unicodedata
+
+import numpy as np
+
+from jaxtune.data import dedup as dd
+from jaxtune.data.records import TRAINED_ROLES, Conversation, Message, Preference, Record, Text, record_text
+
+log = logging.getLogger("jaxtune.data")
+
+
+@dataclasses.dataclass
+class Report:
+    """What happened to the data, for logs and `inspect`."""
+
+    loaded: int = 0
+    kept: int = 0
+    filtered: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    truncated: int = 0
+    chunked: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # bad records
+
+    def merge(self, other: Report) -> Report:
+        return Report(
+            self.loaded + other.loaded,
+            self.kept + other.kept,
+            self.filtered + other.filtered,
+            self.truncated + other.truncated,
+            self.chunked + other.chunked,
+            self.skipped + other.skipped,
+        )
+
+    def lines(self) -> list[str]:
+        out = [f"records loaded: {self.loaded}, kept: {self.kept}"]
+        out += [f"  filtered ({reason}): {n}" for reason, n in self.filtered.most_common()]
+        out += [f"  skipped as bad input ({reason}): {n}" for reason, n in self.skipped.most_common()]
+        if self.truncated:
+            out.append(f"  truncated to cutoff_len (prompt cut first): {self.truncated}")
+        if self.chunked:
+            out.append(f"  long documents split into several rows: {self.chunked}")
+        return out
+
+
+def clean_text(text: str) -> str:
+    text = unicodedata.normalize("NFC", text)
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "").strip()
+
+
+def _clean_msgs(msgs) -> tuple[Message, ...]:
+    return tuple(dataclasses.replace(m, content=clean_text(m.content)) for m in msgs)
+
+
+def normalize(record: Record) -> Record:
+    if isinstance(record, Text):
+        return dataclasses.replace(record, text=clean_text(record.text))
+    system = clean_text(record.system) if record.system else record.system
+    if isinstance(record, Preference):
+        return dataclasses.replace(
+            record,
+            prompt=_clean_msgs(record.prompt),
+            chosen=_clean_msgs(record.chosen),
+            rejected=_clean_msgs(record.rejected),
+            system=system,
+        )
+    return dataclasses.replace(record, messages=_clean_msgs(record.messages), system=system)
+
+
+def is_empty(record: Record) -> bool:
+    """No text to learn from: an empty document, or only empty responses."""
+    if isinstance(record, Text):
+        return not record.text.strip()
+    if isinstance(record, Preference):
+        return not any(m.content.strip() for m in record.chosen) or not any(
+            m.content.strip() for m in record.rejected
+        )
+    responses = [m for m in record.messages if m.role in TRAINED_ROLES]
+    if not responses:  # prompt-only records (PPO/GRPO) are judged by their prompt
+        return not any(m.content.strip() for m in record.messages)
+    return not any(m.content.strip() for m in responses)
+
+
+def clean(records: list[Record], dedup: str = "none", normalise: bool = True, report: Report | None = None):
+    """Normalise, drop empty records and duplicates (`dedup`: none | exact | near)."""
+    if dedup not in ("none", "exact", "near", None, False):
+        raise ValueError(f"dedup must be 'none', 'exact' or 'near', got {dedup!r}")
+    report = report if report is not None else Report()
+    report.loaded += len(records)
+    out = []
+    for r in records:
+        r = normalize(r) if normalise else r
+        if is_empty(r):
+            report.filtered["empty"] += 1
+        else:
+            out.append(r)
+    if dedup in ("exact", "near"):
+        texts = [record_text(r) for r in out]
+        drop = set(dd.exact_duplicates(texts))
+        report.filtered["exact duplicate"] += len(drop)
+        if dedup == "near":
+            rest = [i for i in range(len(out)) if i not in drop]
+            near = dd.near_duplicates([texts[i] for i in rest])
+            report.filtered["near duplicate"] += len(near)
+            drop |= {rest[j] for j in near}
+        out = [r for i, r in enumerate(out) if i not in drop]
+    report.kept += len(out)
+    return out, report
+
+
+def split(records: list, val_size: float = 0.0, test_size: float = 0.0, seed: int = 0):
+    """(train, val, test) by ratio (0 < size < 1) or count (size >= 1), from one seeded permutation."""
+    n = len(records)
+
+    def count(size) -> int:
+        if size is None or size <= 0:
+            return 0
+        k = int(round(size * n)) if size < 1 else int(size)
+        if k >= n:
+            raise ValueError(f"split size {size} leaves no training data out of {n} records")
+        return k
+
+    n_val, n_test = count(val_size), count(test_size)
+    if n_val + n_test >= n and n_val + n_test > 0:
+        raise ValueError(f"val_size={val_size} and test_size={test_size} leave no training data out of {n}")
+    perm = np.random.default_rng([seed, 7]).permutation(n)
+    pick = lambda idx: [records[i] for i in sorted(idx)]  # keep file order inside each split
+    return pick(perm[n_val + n_test :]), pick(perm[:n_val]), pick(perm[n_val : n_val + n_test])
+
+
+def as_prompt(record: Conversation) -> Conversation:
+    """PPO/GRPO: drop the final assistant turn, keeping it as the reference answer unless one was given."""
+    msgs = record.messages
+    if msgs and msgs[-1].role == "assistant":
+        answer = record.answer if record.answer is not None else msgs[-1].content
+        return dataclasses.replace(record, messages=msgs[:-1], answer=answer)
+    return record

@@ -1,0 +1,172 @@
+"""`pipeline.build` from a DataConfig-like object, for every stage; eval splits; `inspect.run`."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+import numpy as np
+import pytest
+
+from jaxtune import data
+from jaxtune.data import inspect, pipeline
+
+
+@dataclasses.dataclass
+class DataCfg:
+    """The fields of jaxtune.config.DataConfig that the pipeline reads (duck-typed)."""
+
+    train: list = dataclasses.field(default_factory=list)
+    eval: list | None = None
+    dataset_dir: str | None = None
+    format: str | None = None
+    template: str | None = None
+    cutoff_len: int = 256
+    packing: bool = False
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    val_size: float = 0.0
+    shuffle: bool = True
+    seed: int = 0
+    dedup: str = "none"
+    streaming: bool = False
+    on_error: str = "raise"
+    min_length: int | None = None
+    bucket_multiple: int = 64
+    max_samples: int | None = None
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipe")
+    rows = [
+        {"instruction": f"Question number {i}?", "input": "", "output": f"Answer {i}."} for i in range(21)
+    ]
+    (d / "alpaca.json").write_text(json.dumps(rows))
+    kto = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+            "label": i % 2 == 0} for i in range(8)]  # fmt: skip
+    (d / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kto))
+    pref = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(8)]
+    (d / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pref))
+    (d / "docs.txt").write_text("\n".join(f"document {i} " * (i + 1) for i in range(8)))
+    info = {
+        "alpaca": {"file_name": "alpaca.json"},
+        "pref": {"file_name": "pref.jsonl", "formatting": "preference"},
+    }
+    (d / "dataset_info.json").write_text(json.dumps(info))
+    return d
+
+
+def test_sft_with_validation_split(demo, chatml_tok):
+    train, ev = pipeline.build(
+        DataCfg(train=["alpaca"], dataset_dir=str(demo), val_size=0.25), chatml_tok, 4, "sft"
+    )
+    assert isinstance(next(train), data.TokenBatch)
+    eval_batches = list(ev)
+    assert sum(int((b.segment_ids.max(axis=1) > 0).sum()) for b in eval_batches) == 5  # round(0.25 * 21)
+    last = eval_batches[-1]
+    assert last.input_ids.shape[0] == 4 and (last.loss_mask[1:] == 0).all()  # padded with empty rows
+    assert train.steps_per_epoch() == 16 // 4
+    ev.reset()  # a second evaluation pass sees the same batches
+    for a, b in zip(eval_batches, ev, strict=True):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_preference_stages(demo, chatml_tok, stage):
+    train, _ = pipeline.build(DataCfg(train=["pref"], dataset_dir=str(demo)), chatml_tok, 2, stage)
+    b = next(train)
+    assert isinstance(b, data.PreferenceBatch) and b.chosen.input_ids.shape == b.rejected.input_ids.shape
+    np.testing.assert_array_equal(b.chosen.positions[:, :3], b.rejected.positions[:, :3])
+
+
+def test_kto_stage(demo, chatml_tok):
+    train, _ = pipeline.build(DataCfg(train=[str(demo / "kto.jsonl")], shuffle=False), chatml_tok, 4, "kto")
+    b = next(train)
+    assert isinstance(b, data.KTOBatch) and b.label.tolist() == [True, False, True, False]
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_prompt_stages_keep_reference_answers(demo, chatml_tok, stage):
+    train, _ = pipeline.build(
+        DataCfg(train=["alpaca"], dataset_dir=str(demo), shuffle=False), chatml_tok, 3, stage
+    )
+    b = next(train)
+    assert isinstance(b, data.PromptBatch) and b.answers == ("Answer 0.", "Answer 1.", "Answer 2.")
+    text = chatml_tok.decode(b.prompts.input_ids[0][b.prompts.segment_ids[0] > 0])
+    assert text.endswith("<|im_start|>assistant\n") and "Answer 0." not in text
+    assert b.prompts.segment_ids[:, -1].all()  # left padded: every prompt ends at the last column
+
+
+def test_pt_stage_and_named_template(demo, base_tok):
+    train, _ = pipeline.build(
+        DataCfg(train=[str(demo / "docs.txt")], packing=True, cutoff_len=64), base_tok, 2, "pt"
+    )
+    assert next(train).input_ids.shape == (2, 64)
+    train, _ = pipeline.build(
+        DataCfg(train=["alpaca"], dataset_dir=str(demo), template="alpaca"), base_tok, 2, "sft"
+    )
+    assert "### Response:" in base_tok.decode(next(train).input_ids[0])
+
+
+def test_packing_refused_for_pairs(demo, chatml_tok):
+    with pytest.raises(ValueError, match="packing is for pt/sft"):
+        pipeline.build(DataCfg(train=["pref"], dataset_dir=str(demo), packing=True), chatml_tok, 2, "dpo")
+
+
+def test_skip_policy_through_the_pipeline(demo, chatml_tok, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "q", "input": "", "output": "a"}) + "\n{oops\n")
+    train, _ = pipeline.build(DataCfg(train=[str(bad)], on_error="skip"), chatml_tok, 1, "sft")
+    assert train.report.skipped == {"malformed JSON": 1}
+    with pytest.raises(data.DataError, match="row 1"):
+        pipeline.build(DataCfg(train=[str(bad)]), chatml_tok, 1, "sft")
+
+
+def test_inspect_run(demo, chatml_tok):
+    out = io.StringIO()
+    cfg = DataCfg(train=["alpaca"], dataset_dir=str(demo), dedup="exact", packing=True)
+    facts = inspect.run(cfg, chatml_tok, "sft", num_samples=1, out=out, color=True)
+    text = out.getvalue()
+    assert "records loaded: 21, kept: 21" in text and "token lengths:" in text and "packing:" in text
+    assert "\x1b[32mAnswer" in text  # the trained span, in green
+    assert facts["examples"] == 21 and facts["packing_efficiency"] > 0
+    plain = io.StringIO()
+    inspect.run(DataCfg(train=["pref"], dataset_dir=str(demo)), chatml_tok, "dpo", out=plain, color=False)
+    assert "[chosen]" in plain.getvalue() and "[[good 0<|im_end|>]]" in plain.getvalue()
+
+
+def test_streaming_with_validation_count(demo, chatml_tok):
+    cfg = DataCfg(train=[str(demo / "alpaca.json")], streaming=True, val_size=3, shuffle=False)
+    train, ev = pipeline.build(cfg, chatml_tok, 2, "sft")
+    seen_eval = [chatml_tok.decode(r[r > 0]) for b in ev for r in b.input_ids if (r > 0).any()]
+    assert len(seen_eval) == 3 and "Question number 0?" in seen_eval[0]
+    first_train = chatml_tok.decode(next(train).input_ids[0])
+    assert "Question number 3?" in first_train  # the first 3 records went to validation
+    with pytest.raises(ValueError, match="dedup needs the whole dataset"):
+        pipeline.build(
+            DataCfg(train=[str(demo / "alpaca.json")], streaming=True, dedup="exact"), chatml_tok, 2, "sft"
+        )
+
+
+def test_inspect_main_for_the_cli(demo, capsys):
+    """`jaxtune data inspect CONFIG` calls `inspect.main(run_cfg)`; the tokenizer comes from the model section."""
+    pytest.importorskip("jaxtune.demo")
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(
+        stage="sft",
+        seed=0,
+        data=DataCfg(train=("alpaca",), dataset_dir=str(demo)),
+        model=SimpleNamespace(tokenizer="builtin:chars", path=None),
+        training=SimpleNamespace(batch_size=4),
+    )
+    facts = inspect.main(cfg)
+    assert facts["examples"] == 21 and "-- sample 0 --" in capsys.readouterr().out
+
+
+def test_data_level_max_samples_and_run_seed(demo, chatml_tok):
+    cfg = DataCfg(train=("alpaca",), dataset_dir=str(demo), max_samples=5)
+    train, _ = pipeline.build(cfg, chatml_tok, 1, "sft", seed=3, epochs=1)
+    assert train.seed == 3 and sum(1 for _ in train) == 5

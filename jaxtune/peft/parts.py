@@ -1,0 +1,35 @@
+"""What one method contributes to a training plan (`Part`), and what it is built from (`Context`).
+
+Each method module (lora, adapters, prompts, select) exposes `build(ctx) -> Part`; `plan.prepare` runs the
+configured methods in order and combines their parts, so "LoRA + prefix" is two parts, not a third method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+
+from jaxtune.config import MethodConfig
+from jaxtune.models.model import Model
+
+
+@dataclass
+class Context:
+    model: Model
+    cfg: MethodConfig
+    params: dict  # the base params as the previous parts left them (PiSSA replaces kernels by residuals)
+    rng: jax.Array
+
+
+@dataclass
+class Part:
+    trainable: dict = field(default_factory=dict)  # adapter collections, e.g. {"lora": {...}}
+    frozen: dict = field(default_factory=dict)  # extra frozen collections (none today but "quant")
+    spec: dict = field(default_factory=dict)  # PeftSpec fields this method sets
+    lr: dict = field(default_factory=dict)  # {collection: pytree of floats} where not 1.0 (LoRA+)
+    params: dict | None = None  # replacement base params (PiSSA)
+    select: Callable[[str], bool] | None = None  # '/'-joined base param path -> trainable (full/BitFit/freeze)
+    info: dict[str, Any] = field(default_factory=dict)  # for describe()

@@ -1,0 +1,43 @@
+"""Supervised fine-tuning and continued pre-training (stages `sft` and `pt`): masked token cross-entropy.
+
+The loss is normalised per trained token over the whole optimiser step — all accumulation micro-batches and
+all data-parallel replicas — not as a mean of per-micro-batch means, which would over-weight short batches.
+The step divides the summed token losses by `denominator(batch)` of the full global batch.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxtune.data.batch import TokenBatch
+from jaxtune.methods.logps import token_losses
+
+Batch = TokenBatch
+needs_reference = False
+
+
+def denominator(batch: TokenBatch):
+    """Trained tokens (weighted by loss_mask) in the batch."""
+    return batch.loss_mask.sum()
+
+
+def loss_fn(lm, variables, batch: TokenBatch, rng, cfg, train: bool = True):
+    """(sum of weighted token losses, metric sums). `cfg` is the run config (z-loss, label smoothing)."""
+    stats = lm.stats(variables, batch, rng, train=train)
+    mask = batch.loss_mask.astype(jnp.float32)
+    losses = token_losses(stats, cfg.training.label_smoothing, cfg.training.z_loss)
+    loss = (losses * mask).sum()
+    sums = {
+        "loss": loss,
+        "nll": (-stats.logp * mask).sum(),
+        "accuracy": (stats.correct * mask).sum(),
+    }
+    return loss, sums
+
+
+def finalize(sums: dict, denom) -> dict:
+    """Metric sums -> reported values (per-token means, perplexity)."""
+    out = {k: v / denom for k, v in sums.items()}
+    out["perplexity"] = jnp.exp(out["nll"])
+    out["tokens"] = denom
+    return out

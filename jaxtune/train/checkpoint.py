@@ -1,0 +1,69 @@
+"""Orbax checkpoints of the train state, the data-iterator position and run metadata.
+
+Saves are asynchronous (the device->host copy is synchronous, the write happens in the background) and atomic:
+Orbax writes into a temporary directory and renames it on commit, so a kill -9 mid-save leaves the previous
+checkpoint loadable. Frozen base weights are never saved — they come from the HF directory. Retention keeps
+the last `keep_last` checkpoints plus, with `keep_best`, the best by the chosen eval metric.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+log = logging.getLogger("jaxtune.train")
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, training_cfg, is_async: bool = True):
+        t = training_cfg
+        policies = [pp.LatestN(n=t.keep_last)]
+        if t.keep_best:
+            metric = t.best_metric
+            policies.append(
+                pp.BestN(
+                    get_metric_fn=lambda m: m[metric],
+                    reverse=t.best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=is_async,
+            create=True,
+            cleanup_tmp_directories=True,  # leftovers of a save that was killed midway
+        )
+        self.dir = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def restore(self, step: int, abstract_state):
+        """-> (state, data_state, meta), the state placed like `abstract_state` (shapes, dtypes, shardings)."""
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+        )
+        out = self.manager.restore(step, args=args)
+        return out.state, out.data, out.meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

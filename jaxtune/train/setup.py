@@ -1,0 +1,113 @@
+"""Everything a run needs before its first step: run directory records, the model, builtin demo assets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from jaxtune.config import dump_yaml
+
+log = logging.getLogger("jaxtune.train")
+
+
+def git_hash() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def record_run(cfg, run_dir: Path) -> None:
+    """The resolved config, library versions and the jaxtune commit, so a run can be reproduced."""
+    import flax
+    import jax
+    import optax
+    import orbax.checkpoint
+    import transformers
+
+    dump_yaml(cfg, run_dir / "config.yaml")
+    info = {
+        "argv": sys.argv,
+        "python": platform.python_version(),
+        "jaxtune_git": git_hash(),
+        "versions": {m.__name__: getattr(m, "__version__", "?") for m in (jax, flax, optax, orbax.checkpoint, transformers)},
+        "devices": [str(d) for d in jax.devices()],
+    }
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+
+
+def setup_logging(run_dir: Path) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger("jaxtune")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_jaxtune", False):
+            root.removeHandler(h)
+    for handler in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(fmt)
+        handler._jaxtune = True
+        root.addHandler(handler)
+    root.propagate = False
+
+
+def resolve_builtins(cfg, run_dir: Path):
+    """`builtin:demo` data -> generated demo files in the run dir (train + eval)."""
+    train = list(cfg.data.train)
+    if "builtin:demo" not in train:
+        return cfg
+    from jaxtune import demo
+
+    train_file, eval_file = demo.write_dataset(run_dir / "data", seed=cfg.seed)
+    train = [str(train_file) if s == "builtin:demo" else s for s in train]
+    evals = tuple(cfg.data.eval) or (str(eval_file),)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=tuple(train), eval=evals))
+
+
+def load_tokenizer(cfg):
+    name = cfg.model.tokenizer
+    if name == "builtin:chars":
+        from jaxtune import demo
+
+        return demo.char_tokenizer()
+    if name:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name)
+    return None
+
+
+def build_model(cfg):
+    """The base model from `model.path` (HF directory) or `model.random_init` (HF config keys)."""
+    from jaxtune.models import hf
+
+    m = cfg.model
+    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl, remat=m.remat,
+                   scan_layers=m.scan_layers)  # fmt: skip
+    tokenizer = load_tokenizer(cfg)
+    if m.path:
+        model = hf.load_model(m.path, tokenizer=tokenizer is None, **runtime)
+        if tokenizer is not None:
+            model.tokenizer = tokenizer
+    elif m.random_init:
+        init = dict(m.random_init)
+        if tokenizer is not None and "vocab_size" not in init:
+            init["vocab_size"] = len(tokenizer)
+        model = hf.from_hf_config(init, rng=cfg.seed, tokenizer=tokenizer, **runtime)
+    else:
+        raise ValueError("model: give `model.path` (a local Hugging Face directory) or `model.random_init`")
+    if model.tokenizer is None:
+        raise ValueError(f"model: no tokenizer found for {m.path or 'random_init'}; set `model.tokenizer`")
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        # keep the exported config's special ids in step with the tokenizer the model was trained with
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            value = getattr(tokenizer, key, None)
+            if value is not None:
+                model.hf_config[key] = value
+    return model

@@ -1,0 +1,41 @@
+"""The train state: everything a step changes, and nothing it does not (frozen weights are an argument)."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimiser steps taken
+    trainable: dict  # collections dict: {"params": subset} for full/BitFit/freeze, {"lora": ...} for adapters
+    opt_state: object
+    rng: jax.Array  # raw uint32 key (checkpointable as a plain array)
+
+
+def create(trainable: dict, optimizer, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        opt_state=optimizer.init(trainable),
+        rng=jax.random.PRNGKey(seed),
+    )
+
+
+def merge_variables(frozen: dict, trainable: dict) -> dict:
+    """Deep-merge two collection dicts into the variables `Decoder.apply` takes.
+
+    The two hold disjoint leaves: {"params": base-minus-trainable} + {"params": trainable-subset, "lora": ...}.
+    """
+
+    def merge(a, b):
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            raise ValueError("frozen and trainable variables overlap at a leaf")
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if k in out else v
+        return out
+
+    return merge(frozen, trainable)

@@ -78,7 +78,8 @@ def run(cfg) -> dict:
 
     model = setup.build_model(cfg)
     tokenizer = model.tokenizer
-    its = pipeline.build(cfg.data, tokenizer, t.batch_size, cfg.stage, eval_batch_size=t.eval_batch_size or t.batch_size)
+    its = pipeline.build(cfg.data, tokenizer, t.batch_size, cfg.stage, seed=cfg.seed,
+                         eval_batch_size=t.eval_batch_size or t.batch_size)
     train_it, eval_it = its.train, its.eval
     eval_start = eval_it.get_state() if eval_it is not None else None
     steps = total_steps(cfg, train_it)

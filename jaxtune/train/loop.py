@@ -139,7 +139,7 @@ def run(cfg) -> dict:
                 log.warning("step %d: non-finite loss, update skipped (nan_policy=skip)", step)
             writer.progress(step, metrics, float(metrics["tokens"]))
             if step % cfg.logging.log_every == 0 or step == steps:
-                writer.write(step, metrics)
+                writer.write(step, {**metrics, "data_efficiency": train_it.efficiency})  # non-pad / all tokens
             evaluated = None
             if eval_it is not None and t.eval_every and step % t.eval_every == 0 and step != steps:
                 evaluated = _evaluate(eval_step, method, state, frozen, eval_it, eval_start, t, writer, step)

@@ -113,3 +113,37 @@ def test_nan_skip_keeps_weights(model):
     new, metrics = step(poisoned, {}, batch)
     assert not bool(metrics["finite"])
     chex.assert_trees_all_equal(new.trainable["params"]["layers"], before["params"]["layers"])
+
+
+def test_neftune_noise_is_bounded_masked_and_train_only(model):
+    """NEFTune adds Uniform(-1, 1) * alpha / sqrt(L d) to the embeddings of real tokens only, in training only."""
+    from jaxtune.models.decoder import neftune_noise
+
+    seg = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 2, 2, 2, 2]])
+    x = jnp.zeros((2, 6, 32))
+    noise = np.asarray(neftune_noise(jax.random.PRNGKey(0), x, seg, alpha=5.0))
+    bound = 5.0 / np.sqrt(np.array([4, 6])[:, None, None] * 32)
+    assert np.all(np.abs(noise) <= bound + 1e-7) and np.abs(noise[0, 4:]).max() == 0
+    np.testing.assert_allclose(np.abs(noise[1]).mean(), bound[1, 0, 0] / 2, rtol=0.1)  # E|U(-b, b)| = b / 2
+
+    batch = random_batch(seed=3)
+    noisy = LM(model.arch.replace(neftune_alpha=5.0))
+    variables = {"params": model.params}
+    clean = LM(model.arch).hidden(variables, batch)
+    chex.assert_trees_all_close(noisy.hidden(variables, batch, jax.random.PRNGKey(1), train=False), clean)
+    assert not np.allclose(noisy.hidden(variables, batch, jax.random.PRNGKey(1), train=True), clean, atol=1e-4)
+
+
+def test_bf16_compute_keeps_fp32_master_weights():
+    """dtype=bfloat16, param_dtype=float32: the loss is the fp32 loss to bf16 precision and the updated
+    weights stay float32 (the optimiser accumulates small updates at full precision)."""
+    fp32 = jaxtune.from_hf_config(TINY, rng=0)
+    mixed = jaxtune.from_hf_config(TINY, rng=0, dtype="bfloat16", param_dtype="float32")
+    batch = random_batch(seed=4)
+    step32, st32 = make(fp32)
+    step16, st16 = make(mixed)
+    new32, m32 = step32(st32, {}, batch)
+    new16, m16 = step16(st16, {}, batch)
+    np.testing.assert_allclose(float(m16["loss"]), float(m32["loss"]), rtol=2e-2)
+    assert {x.dtype for x in jax.tree.leaves(new16.trainable)} == {jnp.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(new16.opt_state) if x.ndim} == {jnp.dtype("float32")}

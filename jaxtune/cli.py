@@ -35,6 +35,8 @@ USER_ERRORS = (
     "jaxtune.data.errors:DataError",
     "jaxtune.models.safetensors_io:CheckpointError",
     "jaxtune.models.families:UnsupportedModelError",
+    "jaxtune.generate_cli:GenerateError",
+    "jaxtune.peft.names:PeftConfigError",
 )
 CONFIG_COMMANDS = ("train", "data inspect", "estimate")  # take CONFIG [overrides...] and get a RunConfig
 
@@ -67,7 +69,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Sampling flags; None means "GenerationConfig's default", which the help shows."""
     d = GenerationConfig()
-    p.add_argument("--model", metavar="DIR", required=True, help="Hugging Face model directory")
+    p.add_argument(
+        "--model", metavar="DIR", required=True,
+        help="Hugging Face model directory, or a jaxtune run directory (uses its hf/ or adapter/ export)",
+    )  # fmt: skip
     p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory applied on top of --model")
     p.add_argument("--template", metavar="NAME", help="chat template name (default: the tokenizer's own)")
     p.add_argument("--system", metavar="TEXT", help="system prompt")
@@ -78,6 +83,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, metavar="K", help=f"0 = off (default: {d.top_k})")
     p.add_argument("--top-p", type=float, metavar="P", help=f"nucleus sampling mass (default: {d.top_p})")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string; repeat for several")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("generate", "complete a prompt with a model (and optional adapter)")
     _add_sampling_args(p)
-    p.add_argument("--prompt", metavar="TEXT", help="prompt text (default: read from stdin)")
+    p.add_argument(
+        "--prompt", action="append", metavar="TEXT", help="prompt text; repeat for several (default: stdin)"
+    )
+    p.add_argument("--file", metavar="FILE", help="prompts: one per line, or a .json/.jsonl/.csv dataset")
+    p.add_argument("--raw", action="store_true", help="use the prompt text as is, without the chat template")
+    p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts per batch (default: 16)")
     _add_sampling_args(command("chat", "chat with a model in the terminal"))
 
     p = command("data", "dataset tools: data inspect CONFIG")

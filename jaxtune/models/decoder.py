@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models import adapters_hook
+from jaxtune.models import adapters_hook, kv_cache
 from jaxtune.models.arch import ArchConfig
 from jaxtune.models.layers import INIT_STD, Block, Norm, Proj, rope_tables
 
@@ -90,7 +90,7 @@ class Decoder(nn.Module):
         if a.remat != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[a.remat], prevent_cse=not a.scan_layers)
         if a.scan_layers:
-            collections = ("params", *adapters_hook.COLLECTIONS)
+            collections = ("params", kv_cache.COLLECTION, *adapters_hook.COLLECTIONS)
             stack = lambda n: nn.scan(
                 block,
                 variable_axes={c: 0 for c in collections},
@@ -111,12 +111,17 @@ class Decoder(nn.Module):
                 a.vocab_size, ("embed", "vocab"), use_bias=False, arch=a, deterministic=self.deterministic
             )
 
-    def __call__(self, input_ids, segment_ids, positions):  # [B, T] ints -> hidden [B, T, D]
+    def __call__(self, input_ids, segment_ids, positions, cache_mask=None):  # [B, T] ints -> hidden [B, T, D]
+        """`cache_mask` [B, 1, T, S] (which KV-cache slots each new token sees) makes this a decode step
+        against the `cache` collection (see kv_cache.py); without it, the plain (or prefill) forward pass."""
         a = self.arch
         x = self.embed_tokens(input_ids)  # [B, T, D]
         x = adapters_hook.embed(self, input_ids, x)  # LoRA on embed_tokens
-        # prompt tuning / P-tuning: [B, P + T, D] with P virtual tokens first; positions shifted by P
-        x, segment_ids, positions = adapters_hook.virtual_tokens(self, x, segment_ids, positions)
+        if cache_mask is None:
+            # prompt tuning / P-tuning: [B, P + T, D] with P virtual tokens first; positions shifted by P
+            x, segment_ids, positions = adapters_hook.virtual_tokens(self, x, segment_ids, positions)
+        else:  # decoding: the cache holds the virtual tokens already; positions still count them
+            positions = positions + adapters_hook.position_offset(a)
         if a.embed_scale:
             # Gemma: the normaliser is cast to the activation dtype first (HF GemmaModel).
             x = x * jnp.asarray(a.hidden_size**0.5, dtype=x.dtype)
@@ -124,7 +129,9 @@ class Decoder(nn.Module):
             x = x + neftune_noise(self.make_rng("dropout"), x, segment_ids, a.neftune_alpha)
         if a.positions == "learned":
             x = x + self.embed_positions(positions)
-        mask = attention_mask(segment_ids, virtual=a.peft.prompt_tokens > 0)  # [B, 1, T, T]
+        mask = cache_mask  # [B, 1, T, S]: a decode step sees the cache slots the caller marks
+        if cache_mask is None:
+            mask = attention_mask(segment_ids, virtual=a.peft.prompt_tokens > 0)  # [B, 1, T, T]
         cos = sin = None
         if a.positions == "rope":
             cos, sin = rope_tables(a, positions, a.compute_dtype)  # [B, T, H]
@@ -137,6 +144,8 @@ class Decoder(nn.Module):
         else:
             for i, layer in enumerate(self.layers):
                 x = layer(x, mask, cos, sin, positions, windows[i] if a.layer_windows else None)
+        if cache_mask is not None:
+            return self.norm(x)  # [B, T, D]
         return adapters_hook.strip_virtual(self, self.norm(x))  # [B, T, D]
 
     def logits(self, hidden):  # [B, T, D] -> [B, T, V]

@@ -21,6 +21,7 @@ from jaxtune.models.arch import DTYPES, ArchConfig
 from jaxtune.models.families import IGNORED_SUFFIXES, TensorMap, arch_from_hf, tensor_maps
 from jaxtune.models.model import Model, abstract_variables, init_params
 from jaxtune.models.safetensors_io import CheckpointError, Lazy, SafetensorsReader, write_sharded
+from jaxtune.models.score import SCORE_MAP, is_seq_cls, swap_head
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,21 @@ def _check(reader: SafetensorsReader, maps: list[TensorMap], shapes: dict, n_lay
         )
 
 
-def load_params(directory, arch: ArchConfig, shardings=None):
-    """Params pytree (stacked layers) from safetensors; each leaf built straight into its sharding, if given."""
+def load_params(directory, arch: ArchConfig, shardings=None, head: str = "lm"):
+    """Params pytree (stacked layers) from safetensors; each leaf built straight into its sharding, if given.
+
+    `head="score"`: a `*ForSequenceClassification` checkpoint (reward model): `score` instead of `lm_head`."""
     reader = SafetensorsReader(directory)
     stacked = arch.replace(scan_layers=True)
     abstract = traverse_util.flatten_dict(abstract_variables(stacked)["params"])
     shapes = {k: tuple(v.value.shape if hasattr(v, "value") else v.shape) for k, v in abstract.items()}
     maps = {m.path: m for m in tensor_maps(arch)}
+    if head == "score":
+        if "score.weight" not in reader:
+            raise CheckpointError(
+                f"{directory}: config.json names a *ForSequenceClassification model but holds no score.weight"
+            )
+        maps, shapes = swap_head(maps, shapes, reader.shape("score.weight"))
     _check(reader, list(maps.values()), shapes, arch.num_layers)
     flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     dtype = DTYPES[arch.param_dtype]
@@ -124,7 +133,7 @@ def load_model(
     """`jaxtune.load_model`: a local HF directory -> Model (params in `param_dtype`, compute in `dtype`)."""
     cfg = read_hf_config(path)
     arch = arch_from_hf(cfg, dtype=dtype, param_dtype=param_dtype, **runtime)
-    params = load_params(path, arch, shardings)
+    params = load_params(path, arch, shardings, head="score" if is_seq_cls(cfg) else "lm")
     tok = load_tokenizer(path) if tokenizer else None
     return Model(arch=arch, params=params, tokenizer=tok, hf_config=cfg, path=str(path))
 
@@ -163,7 +172,10 @@ def hf_tensors(params: dict, arch: ArchConfig, dtype) -> list[Lazy]:
         params = stack_layers(params, arch.num_layers)
     flat = traverse_util.flatten_dict(params)
     groups: dict[str, list[TensorMap]] = {}
-    for m in tensor_maps(arch):
+    maps = tensor_maps(arch)
+    if "score" in params:  # a reward / value model: HF *ForSequenceClassification has `score`, no LM head
+        maps = [m for m in maps if m.path[0] != "lm_head"] + [SCORE_MAP]
+    for m in maps:
         groups.setdefault(m.hf, []).append(m)
     out = []
     for hf, ms in groups.items():

@@ -1,9 +1,20 @@
-"""Batched, jitted decoding for evaluation, chat and RL rollouts.
+"""Batched, jitted decoding with a KV cache, for chat, evaluation and RL rollouts.
 
-`generate` runs a fixed-size buffer [B, P + N] through a `lax.fori_loop`: each step recomputes the forward
-pass over the buffer and writes the next token. This full-recompute decoder is the reference that a KV-cache
-decoder must match token for token; it is exact for every PEFT method, since it is the training forward.
-Prompts are left-padded so every row's next token lands in the same column.
+    texts = generate(arch, variables, [[1, 5, 9], [4, 2]], max_new_tokens=32, stop_ids=[eos])  # id lists
+    tokens, keep = sample(arch, variables, ids, mask, rng, stop, max_new_tokens=32, temperature=1.0)  # arrays
+
+Prompts are left-padded, so every row's next token lands in the same column and all rows share one cache
+slot per step. `sample` prefills the cache with a single forward pass over the prompts — the training forward,
+which also stores every layer's keys and values (models/kv_cache.py) — then decodes one token per step inside
+a `lax.while_loop` that ends once every row has produced a stop token. Sampling is greedy (temperature 0) or
+from softmax(logits / temperature), optionally restricted to the top-k tokens and to the nucleus of mass top-p
+(Holtzman et al. 2020). Every PEFT method works: prefix-tuning keys/values and prompt-tuning virtual tokens
+enter the cache during the prefill; weight-space adapters (LoRA, DoRA, IA3, bottlenecks) act in every step.
+
+`sample_recompute` decodes by re-running the full forward pass over the growing buffer at every step. It is
+exact by construction (it is the training forward) and slow: the reference the cached decoder must match
+token for token (tests/generate). Stop strings are applied to the decoded text, outside jit
+(`cut_at_stop`); stop tokens inside the loop.
 """
 
 from __future__ import annotations
@@ -14,55 +25,125 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.models import kv_cache
 from jaxtune.models.decoder import Decoder, segment_positions
+
+SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p")
 
 
 def sample_token(logits, rng, temperature: float, top_k: int, top_p: float):
-    """logits [B, V] -> token ids [B]: greedy at temperature 0, else top-k / top-p (nucleus) sampling."""
+    """logits [B, V] -> token ids [B]: argmax at temperature 0, else a draw from the filtered softmax."""
     if temperature <= 0:
-        return jnp.argmax(logits, -1)
+        return jnp.argmax(logits, -1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
     if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]: the k-th largest logit
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
-        order = jnp.sort(logits, -1)[:, ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(order, -1), -1)
-        # smallest logit still inside the nucleus: keep tokens whose preceding mass is < top_p
-        cutoff = jnp.take_along_axis(order, jnp.sum(cum - jax.nn.softmax(order, -1) < top_p, -1, keepdims=True) - 1, -1)
+        ordered = jnp.sort(logits, -1)[:, ::-1]  # [B, V] descending
+        probs = jax.nn.softmax(ordered, -1)
+        before = jnp.cumsum(probs, -1) - probs  # mass of the strictly more likely tokens
+        kept = jnp.sum(before < top_p, -1, keepdims=True)  # >= 1: the most likely token always stays
+        cutoff = jnp.take_along_axis(ordered, kept - 1, -1)  # [B, 1]: the smallest logit in the nucleus
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, -1)
+    return jax.random.categorical(rng, logits, -1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("arch", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(arch, variables, prompt_ids, prompt_mask, stop_ids, rng, max_new_tokens, temperature, top_k, top_p):
-    b, p = prompt_ids.shape
-    total = p + max_new_tokens
-    ids = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt_ids)
-    seg = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt_mask.astype(jnp.int32))
-    done = jnp.zeros((b,), bool)
+def _inference(arch):
+    """No activation checkpointing (no backward pass here) and no training noise."""
+    return arch.replace(remat="none", neftune_alpha=0.0)
+
+
+def _last_logits(model, variables, hidden):  # hidden [B, T, D] -> logits of the last column [B, V]
+    return model.apply(variables, hidden[:, -1:], method=Decoder.logits)[:, 0].astype(jnp.float32)
+
+
+@partial(jax.jit, static_argnames=("arch", *SAMPLING))
+def sample(arch, variables, prompt_ids, prompt_mask, rng, stop_ids, *, max_new_tokens: int,
+           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):  # fmt: skip
+    """Left-padded prompts [B, P] (mask 1 = token) -> (tokens [B, N] int32, keep [B, N] bool).
+
+    `keep` marks the generated tokens up to and including each row's first stop token (`stop_ids` [M] int32;
+    pass [-1] for none); later columns hold 0. Decoding with the KV cache.
+    """
+    arch = _inference(arch)
     model = Decoder(arch)
+    b, n = prompt_ids.shape[0], max_new_tokens
+    seg = prompt_mask.astype(jnp.int32)
+    hidden, state = model.apply(
+        variables, prompt_ids, seg, segment_positions(seg), mutable=[kv_cache.COLLECTION]
+    )
+    cache = kv_cache.pad(state[kv_cache.COLLECTION], n - 1)  # the last token is sampled, never fed back
+    filled = kv_cache.slots(cache) - (n - 1)  # prefixes + virtual tokens + prompt columns
+    valid = jnp.concatenate(  # [B, S]: slots a new token may attend to
+        [jnp.ones((b, filled - prompt_ids.shape[1]), bool), prompt_mask > 0, jnp.zeros((b, n - 1), bool)],
+        axis=1,
+    )
+    lengths = prompt_mask.astype(jnp.int32).sum(-1)  # [B]: position of the first generated token
+    rng, sub = jax.random.split(rng)
+    first = sample_token(_last_logits(model, variables, hidden), sub, temperature, top_k, top_p)
+    tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(first)
+    keep = jnp.zeros((b, n), bool).at[:, 0].set(True)
+    done = jnp.isin(first, stop_ids)
+
+    def cond(carry):
+        i, *_, done, _ = carry
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, valid, tokens, keep, done, rng = carry
+        valid = valid.at[:, filled + i - 1].set(True)  # the slot the fed token is written to
+        fed = jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)  # [B, 1]
+        pos = (lengths + i - 1)[:, None]  # [B, 1]
+        hidden, state = model.apply(
+            {**variables, kv_cache.COLLECTION: cache}, fed, jnp.ones_like(fed), pos,
+            cache_mask=valid[:, None, None, :], mutable=[kv_cache.COLLECTION],
+        )  # fmt: skip
+        rng, sub = jax.random.split(rng)
+        nxt = sample_token(_last_logits(model, variables, hidden), sub, temperature, top_k, top_p)
+        nxt = jnp.where(done, 0, nxt)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], i, axis=1)
+        keep = jax.lax.dynamic_update_slice_in_dim(keep, ~done[:, None], i, axis=1)
+        done = done | jnp.isin(nxt, stop_ids)
+        return i + 1, state[kv_cache.COLLECTION], valid, tokens, keep, done, rng
+
+    carry = (jnp.asarray(1, jnp.int32), cache, valid, tokens, keep, done, rng)
+    _, _, _, tokens, keep, _, _ = jax.lax.while_loop(cond, body, carry)
+    return tokens, keep
+
+
+@partial(jax.jit, static_argnames=("arch", *SAMPLING))
+def sample_recompute(arch, variables, prompt_ids, prompt_mask, rng, stop_ids, *, max_new_tokens: int,
+                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):  # fmt: skip
+    """`sample` without a cache: every step runs the full forward pass over [prompt, generated so far]."""
+    arch = _inference(arch)
+    model = Decoder(arch)
+    b, p = prompt_ids.shape
+    n = max_new_tokens
+    ids = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(prompt_ids)
+    seg = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(prompt_mask.astype(jnp.int32))
+    done = jnp.zeros((b,), bool)
 
     def body(i, carry):
         ids, seg, done, rng = carry
         rng, sub = jax.random.split(rng)
-        pos = segment_positions(seg)
-        logits = model.apply(variables, ids, seg, pos, method=Decoder.forward_logits)  # [B, total, V]
-        nxt = sample_token(logits[:, p + i - 1], sub, temperature, top_k, top_p)
-        nxt = jnp.where(done, 0, nxt)
+        hidden = model.apply(variables, ids, seg, segment_positions(seg))  # [B, P + N, D]
+        logits = model.apply(variables, jax.lax.dynamic_slice_in_dim(hidden, p + i - 1, 1, axis=1),
+                             method=Decoder.logits)[:, 0].astype(jnp.float32)  # fmt: skip
+        nxt = jnp.where(done, 0, sample_token(logits, sub, temperature, top_k, top_p))
         ids = ids.at[:, p + i].set(nxt)
-        seg = seg.at[:, p + i].set(jnp.where(done, 0, 1))
-        done = done | jnp.isin(nxt, stop_ids)
-        return ids, seg, done, rng
+        seg = seg.at[:, p + i].set(jnp.where(done, 0, 1))  # tokens after a stop stay padding
+        return ids, seg, done | jnp.isin(nxt, stop_ids), rng
 
-    ids, seg, done, _ = jax.lax.fori_loop(0, max_new_tokens, body, (ids, seg, done, rng))
-    return ids[:, p:], seg[:, p:]
+    ids, seg, _, _ = jax.lax.fori_loop(0, n, body, (ids, seg, done, rng))
+    return ids[:, p:], seg[:, p:] > 0
 
 
 def left_pad(sequences: list[list[int]], pad_id: int = 0, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts -> (ids, mask) [B, P], left-padded to a multiple (few distinct compiled shapes)."""
-    width = max(len(s) for s in sequences)
-    width = -(-width // multiple) * multiple
+    """Prompts -> (ids, mask) [B, P], left-padded to a multiple of `multiple` (few distinct compiled shapes)."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("generate: every prompt needs at least one token (got an empty prompt or none)")
+    width = -(-max(len(s) for s in sequences) // multiple) * multiple
     ids = np.full((len(sequences), width), pad_id, np.int32)
     mask = np.zeros((len(sequences), width), np.int32)
     for row, s in enumerate(sequences):
@@ -71,12 +152,29 @@ def left_pad(sequences: list[list[int]], pad_id: int = 0, multiple: int = 8) -> 
     return ids, mask
 
 
-def generate(arch, variables, prompts: list[list[int]], max_new_tokens=64, stop_ids=(), temperature=0.0,
-             top_k=0, top_p=1.0, seed=0) -> list[list[int]]:
-    """Token-id prompts -> generated token ids per prompt (stop token included, padding removed)."""
-    ids, mask = left_pad(prompts)
-    stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-    out, keep = _generate(arch, variables, ids, mask, stop, jax.random.PRNGKey(seed), max_new_tokens,
-                          float(temperature), int(top_k), float(top_p))
+def stop_array(stop_ids, multiple: int = 8) -> jnp.ndarray:
+    """Stop token ids as an int32 array padded with -1 (never a token) to a multiple of 8: one compiled shape."""
+    ids = sorted({int(s) for s in stop_ids})
+    width = max(1, -(-len(ids) // multiple)) * multiple
+    return jnp.asarray(ids + [-1] * (width - len(ids)), jnp.int32)
+
+
+def generate(arch, variables, prompts: list[list[int]], max_new_tokens: int = 64, stop_ids=(), temperature=0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
+             pad_multiple: int = 8) -> list[list[int]]:  # fmt: skip
+    """Token-id prompts -> generated token ids per prompt (a stop token, when reached, included last).
+
+    Prompts are left-padded to a multiple of `pad_multiple`: each new width compiles the decoder once more."""
+    ids, mask = left_pad(prompts, multiple=pad_multiple)
+    fn = sample if use_cache else sample_recompute
+    out, keep = fn(arch, variables, ids, mask, jax.random.PRNGKey(seed), stop_array(stop_ids),
+                   max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
+                   top_p=float(top_p))  # fmt: skip
     out, keep = np.asarray(out), np.asarray(keep)
-    return [row[k > 0].tolist() for row, k in zip(out, keep)]
+    return [row[k].tolist() for row, k in zip(out, keep)]
+
+
+def cut_at_stop(text: str, stops) -> tuple[str, bool]:
+    """Text up to the earliest stop string (excluded), and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -124,6 +124,11 @@ def virtual_tokens(module, x, segment_ids, positions):
     )
 
 
+def position_offset(arch) -> int:
+    """Virtual tokens and prefixes come before the real tokens, which HF numbers from here on."""
+    return arch.peft.prompt_tokens + arch.peft.prefix_tokens
+
+
 def strip_virtual(module, hidden):
     """Drop the virtual-token outputs, so hidden states and logits stay [B, T, ...] like the input ids."""
     return hidden[:, module.arch.peft.prompt_tokens :] if module.arch.peft.prompt_tokens else hidden

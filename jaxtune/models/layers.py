@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models import adapters_hook
+from jaxtune.models import adapters_hook, kv_cache
 from jaxtune.models.arch import ArchConfig
 
 INIT_STD = 0.02
@@ -168,8 +168,12 @@ class Attention(nn.Module):
             key = Norm(a, axis_name="head_dim", name="k_norm")(key)
         if a.positions == "rope":
             q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
-        # prefix tuning / P-tuning v2: learned keys/values at positions 0..P-1 before the real ones
-        key, val, mask, key_pos = adapters_hook.prefix_kv(self, key, val, mask, positions)
+        if kv_cache.decoding(self):  # decode step: the cache already holds the prefixes and earlier tokens
+            key, val, key_pos = kv_cache.append(self, key, val, positions)  # [B, S, K, H]
+        else:
+            # prefix tuning / P-tuning v2: learned keys/values at positions 0..P-1 before the real ones
+            key, val, mask, key_pos = adapters_hook.prefix_kv(self, key, val, mask, positions)
+            kv_cache.store(self, key, val, key_pos)  # prefill, when the `cache` collection is mutable
         out = attend(a, q, key, val, mask, window, positions, key_pos)  # [B, T, N, H]
         out = out.reshape(b, t, n * hd)
         o_kw = dict(use_bias=a.o_bias, arch=a, deterministic=self.deterministic)

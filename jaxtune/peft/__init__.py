@@ -50,8 +50,9 @@ __all__ = [
 def init(model: Model, method_cfg, rng: jax.Array | int = 0, **quantization) -> Adapters:
     """Fresh adapters for `model.logits(..., adapters=)`: the adapter part of `prepare`'s plan.
 
-    Methods that train base params (full, BitFit's existing biases, freeze) or replace them (PiSSA) have no
-    adapter-only form: use `prepare`, which returns the frozen and trainable pytrees.
+    Methods that train base params (full, BitFit's existing biases, freeze) have no adapter-only form: use
+    `prepare`, which returns the frozen and trainable pytrees. PiSSA's adapters come relative to the original
+    weights (a rank-2r LoRA whose second half cancels the principal part at init).
     """
     plan = prepare(model, method_cfg, rng, **quantization)
     if "params" in plan.trainable:
@@ -59,6 +60,4 @@ def init(model: Model, method_cfg, rng: jax.Array | int = 0, **quantization) -> 
             f"method {'+'.join(plan.methods)} trains base parameters, which Adapters cannot carry: "
             "use jaxtune.peft.prepare(model, method_cfg, rng) and its Plan"
         )
-    if plan.frozen["params"] is not model.params and plan.spec.quant == "none":
-        raise PeftConfigError("PiSSA replaces the base weights by residuals: use jaxtune.peft.prepare and its Plan")
     return plan.adapters(plan.trainable)

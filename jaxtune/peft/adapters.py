@@ -44,7 +44,10 @@ def build_bottleneck(ctx: Context) -> Part:
     tree = {}
     for name, key in zip(where, jax.random.split(ctx.rng, len(where))):
         tree[name] = {
-            "down": {"kernel": DOWN_STD * jax.random.normal(key, (n, d, m), dtype), "bias": jnp.zeros((n, m), dtype)},
+            "down": {
+                "kernel": DOWN_STD * jax.random.normal(key, (n, d, m), dtype),
+                "bias": jnp.zeros((n, m), dtype),
+            },
             "up": {"kernel": jnp.zeros((n, m, d), dtype), "bias": jnp.zeros((n, d), dtype)},
         }
     spec = {"adapter_activation": cfg.adapter_activation}
@@ -56,7 +59,9 @@ def ia3_targets(cfg: MethodConfig, arch) -> tuple[list, list]:
     default = MethodConfig().target_modules
     if tuple(cfg.target_modules) != tuple(default) and cfg.target_modules != default:
         return cfg.target_modules, IA3_FEEDFORWARD.get(arch.model_type, IA3_FEEDFORWARD_DEFAULT)
-    return IA3_TARGETS.get(arch.model_type, IA3_DEFAULT), IA3_FEEDFORWARD.get(arch.model_type, IA3_FEEDFORWARD_DEFAULT)
+    return IA3_TARGETS.get(arch.model_type, IA3_DEFAULT), IA3_FEEDFORWARD.get(
+        arch.model_type, IA3_FEEDFORWARD_DEFAULT
+    )
 
 
 def ia3_tree(arch, targets, feedforward, dtype) -> dict:
@@ -65,9 +70,11 @@ def ia3_tree(arch, targets, feedforward, dtype) -> dict:
     tree = {}
     for m in names.select(arch, targets, "target_modules", linear_only=True):
         lead = (arch.num_layers,) if m.per_layer else ()
-        leaf = {"scale_in": jnp.ones((*lead, m.in_features), dtype)} if m.name in ff_names else {
-            "scale_out": jnp.ones((*lead, m.out_features), dtype)
-        }
+        leaf = (
+            {"scale_in": jnp.ones((*lead, m.in_features), dtype)}
+            if m.name in ff_names
+            else {"scale_out": jnp.ones((*lead, m.out_features), dtype)}
+        )
         tree = names.set_path(tree, m.path, leaf)
     return tree
 

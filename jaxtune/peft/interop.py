@@ -65,6 +65,11 @@ def _layers(m: names.Module, arch):
     return range(arch.num_layers) if m.per_layer else [None]
 
 
+def _take(x, i: int | None):
+    """Layer i of a stacked [L, ...] array, or a root module's array itself (i is None)."""
+    return x if i is None else x[i]
+
+
 def _leaf(tree: dict, path) -> dict | None:
     try:
         return names.get_path(tree, path)
@@ -94,10 +99,9 @@ def _lora_tensors(model: Model, lora: dict, spec: PeftSpec) -> tuple[list[Lazy],
         alphas[short] = scale * (math.sqrt(rank) if spec.lora_rslora else rank)
         for i in _layers(m0, arch):
             base = f"{PREFIX}{hf.format(i=i)}"
-            at = (lambda x: x[i]) if i is not None else (lambda x: x)
             if m0.kind == "embedding":
                 leaf = leaves[0][1]
-                a, b = _np(at(leaf["lora_a"])), _np(at(leaf["lora_b"]))
+                a, b = _np(_take(leaf["lora_a"], i)), _np(_take(leaf["lora_b"], i))
                 tensors += [
                     Lazy(f"{base}.lora_embedding_A", a.T.shape, np.float32, lambda a=a: a.T),
                     Lazy(f"{base}.lora_embedding_B", b.T.shape, np.float32, lambda b=b: b.T),
@@ -109,13 +113,13 @@ def _lora_tensors(model: Model, lora: dict, spec: PeftSpec) -> tuple[list[Lazy],
                     a_parts.append(np.zeros((m.in_features, 0), np.float32))
                     b_parts.append(np.zeros((0, m.out_features), np.float32))
                     if spec.dora:  # an untargeted part of a fused module: magnitude = ||W||_c, factor 1
-                        kernel = _np(at(names.get_path(model.params, (*m.path, "kernel"))))
+                        kernel = _np(_take(names.get_path(model.params, (*m.path, "kernel")), i))
                         mags.append(np.linalg.norm(kernel, axis=0))
                     continue
-                a_parts.append(_np(at(leaf["lora_a"])))
-                b_parts.append(_np(at(leaf["lora_b"])))
+                a_parts.append(_np(_take(leaf["lora_a"], i)))
+                b_parts.append(_np(_take(leaf["lora_b"], i)))
                 if "magnitude" in leaf:
-                    mags.append(_np(at(leaf["magnitude"])))
+                    mags.append(_np(_take(leaf["magnitude"], i)))
             big_a = np.concatenate(a_parts, axis=1)  # [in, R]
             big_b = np.zeros((big_a.shape[1], sum(b.shape[1] for b in b_parts)), np.float32)  # [R, out]
             r0 = c0 = 0
@@ -164,12 +168,13 @@ def _ia3_tensors(model: Model, ia3: dict) -> tuple[list[Lazy], dict]:
         if is_ff:
             feedforward.append(short)
         for i in _layers(group[0], arch):
-            at = (lambda x: x[i]) if i is not None else (lambda x: x)
             if is_ff:
-                v = _np(at(leaves[0][1]["scale_in"]))[None, :]  # [1, in]
+                v = _np(_take(leaves[0][1]["scale_in"], i))[None, :]  # [1, in]
             else:
                 parts = [
-                    _np(at(leaf["scale_out"])) if leaf is not None else np.ones(m.out_features, np.float32)
+                    _np(_take(leaf["scale_out"], i))
+                    if leaf is not None
+                    else np.ones(m.out_features, np.float32)
                     for m, leaf in leaves
                 ]
                 v = np.concatenate(parts)[:, None]  # [out, 1]
@@ -198,7 +203,11 @@ def _prompt_config(model: Model, n: int) -> dict:
 
 def _prompt_tensors(model: Model, prompt: dict) -> tuple[list[Lazy], dict]:
     emb = _np(prompt["embeddings"])
-    config = {"peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM", **_prompt_config(model, emb.shape[0])}
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "prompt_tuning_init": "RANDOM",
+        **_prompt_config(model, emb.shape[0]),
+    }
     return [Lazy("prompt_embeddings", emb.shape, np.float32, lambda: emb)], config
 
 
@@ -225,18 +234,25 @@ def _prefix_tensors(model: Model, prefix: dict) -> tuple[list[Lazy], dict]:
 def save_adapter(model: Model, adapters: Adapters, out_dir) -> Path:
     """`jaxtune.peft.save_adapter`: PEFT's layout when PEFT can express the adapter, else jaxtune's own."""
     if not isinstance(adapters, Adapters):
-        raise PeftConfigError("save_adapter needs jaxtune.models.Adapters (from jaxtune.peft.init or Plan.adapters)")
+        raise PeftConfigError(
+            "save_adapter needs jaxtune.models.Adapters (from jaxtune.peft.init or Plan.adapters)"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     collections = {k: v for k, v in adapters.variables.items() if k != "quant" and jax.tree.leaves(v)}
     if "encoder" in collections.get("prompt", {}) or "encoder" in collections.get("prefix", {}):
-        raise PeftConfigError("fold the encoders first: save Plan.adapters(trainable), not the raw trainable tree")
+        raise PeftConfigError(
+            "fold the encoders first: save Plan.adapters(trainable), not the raw trainable tree"
+        )
     if len(collections) == 1 and next(iter(collections)) in PEFT_KINDS:
         kind, tree = next(iter(collections.items()))
-        fn = {"lora": _lora_tensors, "ia3": _ia3_tensors, "prompt": _prompt_tensors, "prefix": _prefix_tensors}
-        tensors, config = (
-            fn[kind](model, tree, adapters.spec) if kind == "lora" else fn[kind](model, tree)
-        )
+        fn = {
+            "lora": _lora_tensors,
+            "ia3": _ia3_tensors,
+            "prompt": _prompt_tensors,
+            "prefix": _prefix_tensors,
+        }
+        tensors, config = fn[kind](model, tree, adapters.spec) if kind == "lora" else fn[kind](model, tree)
     else:
         tensors, config = _native_tensors(collections, adapters.spec)
     config.update(
@@ -278,8 +294,12 @@ def load_adapter(model: Model, directory) -> Adapters:
     reader = SafetensorsReader(d)
     tensors = {n: reader.get(n) for n in reader.names()}
     if kind == "JAXTUNE":
-        variables = traverse_util.unflatten_dict({tuple(k.split("/")): np.array(v) for k, v in tensors.items()})
-        return Adapters(variables=jax.tree.map(jax.numpy.asarray, variables), spec=_spec_from_json(config["spec"]))
+        variables = traverse_util.unflatten_dict(
+            {tuple(k.split("/")): np.array(v) for k, v in tensors.items()}
+        )
+        return Adapters(
+            variables=jax.tree.map(jax.numpy.asarray, variables), spec=_spec_from_json(config["spec"])
+        )
     if kind == "LORA":
         return _load_lora(model, config, tensors, d)
     if kind == "IA3":
@@ -310,12 +330,15 @@ def _unsupported(config: dict, d: Path, keys: tuple[str, ...]) -> None:
             raise PeftConfigError(f"{d}: {k}={config[k]!r} is not supported by jaxtune's PEFT loader")
 
 
-def _per_layer(m: names.Module, arch, fn):
-    """fn(hf module name, layer) for every layer -> stacked [L, ...] (root modules: the array itself)."""
-    vals = [fn(m.hf.format(i=i)) for i in _layers(m, arch)]
+def _per_layer(m: names.Module, arch, tensors: dict, suffix: str):
+    """Tensor `base_model.model.<hf module>.<suffix>` of every layer -> stacked [L, ...] (root modules: the
+    tensor itself); None when no layer has it."""
+    vals = [tensors.get(f"{PREFIX}{m.hf.format(i=i)}.{suffix}") for i in _layers(m, arch)]
     present = [v is not None for v in vals]
     if any(present) and not all(present):
-        raise PeftConfigError(f"adapter covers {m.hf.format(i='N')} in some layers only; jaxtune needs all layers")
+        raise PeftConfigError(
+            f"adapter covers {m.hf.format(i='N')} in some layers only; jaxtune needs all layers"
+        )
     if not all(present):
         return None
     return np.stack(vals) if m.per_layer else vals[0]
@@ -323,22 +346,30 @@ def _per_layer(m: names.Module, arch, fn):
 
 def _load_lora(model: Model, config: dict, tensors: dict, d: Path) -> Adapters:
     arch = model.arch
-    _unsupported(config, d, ("layers_to_transform", "lora_bias", "modules_to_save", "trainable_token_indices"))
+    _unsupported(
+        config, d, ("layers_to_transform", "lora_bias", "modules_to_save", "trainable_token_indices")
+    )
     rslora = bool(config.get("use_rslora"))
     lora, scales = {}, {}
-    for hf, group in _groups(arch).items():
+    for group in _groups(arch).values():
         m0 = group[0]
         emb = m0.kind == "embedding"
-        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
-        a = _per_layer(m0, arch, lambda h: tensors.get(f"{PREFIX}{h}.{a_name}"))
+        a_name, b_name = (
+            ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+        )
+        a = _per_layer(m0, arch, tensors, a_name)
         if a is None:
             continue
-        b = _per_layer(m0, arch, lambda h: tensors.get(f"{PREFIX}{h}.{b_name}"))
-        mag = _per_layer(m0, arch, lambda h: tensors.get(f"{PREFIX}{h}.lora_magnitude_vector"))
+        b = _per_layer(m0, arch, tensors, b_name)
+        mag = _per_layer(m0, arch, tensors, "lora_magnitude_vector")
         if emb and mag is not None:
             raise PeftConfigError(f"{d}: DoRA on embeddings is not supported")
-        r = names.layer_uniform(arch, m0, lambda h, o: _pattern(config, "rank_pattern", "r", h), "rank_pattern")
-        alpha = names.layer_uniform(arch, m0, lambda h, o: _pattern(config, "alpha_pattern", "lora_alpha", h), "alpha_pattern")
+        r = names.layer_uniform(
+            arch, m0, lambda h, o: _pattern(config, "rank_pattern", "r", h), "rank_pattern"
+        )
+        alpha = names.layer_uniform(
+            arch, m0, lambda h, o: _pattern(config, "alpha_pattern", "lora_alpha", h), "alpha_pattern"
+        )
         scale = float(alpha) / (math.sqrt(r) if rslora else r)
         a_t = np.swapaxes(np.asarray(a, np.float32), -1, -2)  # [..., in, R] (embedding: [..., V, R])
         b_t = np.swapaxes(np.asarray(b, np.float32), -1, -2)  # [..., R, out]
@@ -348,7 +379,9 @@ def _load_lora(model: Model, config: dict, tensors: dict, d: Path) -> Adapters:
             if mag is not None:
                 leaf["magnitude"] = np.asarray(mag, np.float32)[..., col : col + m.out_features]
             col += m.out_features
-            lora = names.set_path(lora, m.path, jax.tree.map(lambda x: jax.numpy.asarray(x, arch.weight_dtype), leaf))
+            lora = names.set_path(
+                lora, m.path, jax.tree.map(lambda x: jax.numpy.asarray(x, arch.weight_dtype), leaf)
+            )
             scales[m.name] = scale
     if not lora:
         raise PeftConfigError(f"{d}: no LoRA tensor matches a module of this {arch.model_type} model")
@@ -371,14 +404,16 @@ def _load_ia3(model: Model, config: dict, tensors: dict, d: Path) -> Adapters:
     arch = model.arch
     ia3 = {}
     for hf, group in _groups(arch).items():
-        v = _per_layer(group[0], arch, lambda h: tensors.get(f"{PREFIX}{h}.ia3_l"))
+        v = _per_layer(group[0], arch, tensors, "ia3_l")
         if v is None:
             continue
         v = np.asarray(v, np.float32)
         if v.shape[-2] == 1:  # [1, in]: a feed-forward module's input scaling
             if len(group) > 1:
                 raise PeftConfigError(f"{d}: (IA)^3 input scaling on fused {hf} is not supported")
-            ia3 = names.set_path(ia3, group[0].path, {"scale_in": jax.numpy.asarray(v[..., 0, :], arch.weight_dtype)})
+            ia3 = names.set_path(
+                ia3, group[0].path, {"scale_in": jax.numpy.asarray(v[..., 0, :], arch.weight_dtype)}
+            )
             continue
         col = 0
         for m in group:
@@ -408,7 +443,9 @@ def merge_and_export(model: Model, adapters: Adapters | None, out_dir, dtype: st
         params, arch, hf_config = _merge_bitfit(params, variables.pop("bitfit"), arch, hf_config)
     if "ia3" in variables:
         params = adapters_lib.merge_ia3(params, variables.pop("ia3"), arch)
-    merged = dataclasses.replace(model, arch=arch.replace(peft=PeftSpec()), params=params, hf_config=hf_config)
+    merged = dataclasses.replace(
+        model, arch=arch.replace(peft=PeftSpec()), params=params, hf_config=hf_config
+    )
     return save_model(merged, out_dir, dtype=dtype)
 
 

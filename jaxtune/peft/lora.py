@@ -14,6 +14,7 @@ model starts exactly at the base); embeddings the other way round (A = 0, B ~ N(
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,9 @@ def ranks_and_scales(ctx: Context, chosen: list[names.Module]) -> dict[str, tupl
             key = names.pattern_key(pattern, hf) or names.pattern_key(pattern, ours)
             return default if key is None else pattern[key]
 
-        r = names.layer_uniform(arch, m, lambda hf, o: lookup(cfg.rank_pattern, cfg.rank, hf, o), "rank_pattern")
+        r = names.layer_uniform(
+            arch, m, lambda hf, o: lookup(cfg.rank_pattern, cfg.rank, hf, o), "rank_pattern"
+        )
         alpha = names.layer_uniform(
             arch, m, lambda hf, o: lookup(cfg.alpha_pattern, cfg.alpha, hf, o), "alpha_pattern"
         )
@@ -75,8 +78,8 @@ def build(ctx: Context) -> Part:
             }
         elif cfg.pissa:
             kernel = names.get_path(params, (*m.path, "kernel"))
-            fn = jax.vmap(lambda k, r=r, s=scale: pissa(k, r, s)) if m.per_layer else lambda k: pissa(k, r, scale)
-            a, b, residual = fn(kernel)
+            init = partial(pissa, r=r, scale=scale)
+            a, b, residual = (jax.vmap(init) if m.per_layer else init)(kernel)  # vmap over the layer axis
             leaf = {"lora_a": a.astype(dtype), "lora_b": b.astype(dtype)}
             params = names.set_path(params, (*m.path, "kernel"), residual)
         else:
@@ -101,6 +104,28 @@ def build(ctx: Context) -> Part:
     }
     info = {"lora": {name: r for name, (r, _) in rs.items()}}
     return Part(trainable={"lora": tree}, spec=spec, lr={"lora": lr} if lr else {}, params=params, info=info)
+
+
+def has_leaf(lora: dict, path: tuple[str, ...]) -> bool:
+    try:
+        names.get_path(lora, path)
+    except KeyError:
+        return False
+    return True
+
+
+def pissa_to_lora(trained: dict, initial: dict) -> dict:
+    """PiSSA factors over the residual W - sB0A0 -> a LoRA of rank 2r over the original W (PEFT's conversion,
+    `path_initial_model_for_weight_conversion`): W - sB0A0 + sBA = W + s[B; -B0]·[A, A0], exactly."""
+
+    def convert(leaf, leaf0):
+        out = dict(leaf)
+        out["lora_a"] = jnp.concatenate([leaf["lora_a"], leaf0["lora_a"]], axis=-1)  # [..., in, 2r]
+        out["lora_b"] = jnp.concatenate([leaf["lora_b"], -leaf0["lora_b"]], axis=-2)  # [..., 2r, out]
+        return out
+
+    is_leaf = lambda x: isinstance(x, dict) and "lora_a" in x
+    return jax.tree.map(convert, trained, initial, is_leaf=is_leaf)
 
 
 def delta(leaf: dict, scale: float):
@@ -135,7 +160,9 @@ def merge(params: dict, lora: dict, spec, arch, return_norms: bool = False):
                 )
             path = (*m.path, "embedding")
             base = names.get_path(params, path)
-            params = names.set_path(params, path, (base.astype(jnp.float32) + delta(leaf, scale)).astype(base.dtype))
+            params = names.set_path(
+                params, path, (base.astype(jnp.float32) + delta(leaf, scale)).astype(base.dtype)
+            )
             continue
         path = (*m.path, "kernel")
         base = names.get_path(params, path)
@@ -160,7 +187,9 @@ def unmerge(params: dict, lora: dict, spec, arch, norms: dict | None = None) -> 
         merged = names.get_path(params, path).astype(jnp.float32)
         if "magnitude" in leaf:
             if norms is None:
-                raise PeftConfigError("unmerging DoRA needs the column norms: use merge(..., return_norms=True)")
+                raise PeftConfigError(
+                    "unmerging DoRA needs the column norms: use merge(..., return_norms=True)"
+                )
             norm = names.get_path(norms, m.path)
             merged = merged / (leaf["magnitude"].astype(jnp.float32) / norm)[..., None, :]
         base = merged - delta(leaf, scale)

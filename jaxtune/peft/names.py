@@ -127,7 +127,9 @@ def select(arch: ArchConfig, target, what: str = "target_modules", linear_only: 
         if target == ALL_LINEAR or (not isinstance(target, str) and ALL_LINEAR in target):
             hit = m.kind == "linear" and m.path != ("lm_head",)
         else:
-            hit = layer_uniform(arch, m, lambda hf, ours: _matches(target, hf) or _matches(target, ours), what)
+            hit = layer_uniform(
+                arch, m, lambda hf, ours: _matches(target, hf) or _matches(target, ours), what
+            )
         if hit and not (linear_only and m.kind != "linear"):
             chosen.append(m)
     if not chosen:

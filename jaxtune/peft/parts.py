@@ -31,5 +31,6 @@ class Part:
     spec: dict = field(default_factory=dict)  # PeftSpec fields this method sets
     lr: dict = field(default_factory=dict)  # {collection: pytree of floats} where not 1.0 (LoRA+)
     params: dict | None = None  # replacement base params (PiSSA)
-    select: Callable[[str], bool] | None = None  # '/'-joined base param path -> trainable (full/BitFit/freeze)
+    # full / BitFit / freeze: '/'-joined base param path -> trainable
+    select: Callable[[str], bool] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # for describe()

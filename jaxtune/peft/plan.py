@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from jaxtune.models.arch import ArchConfig, PeftSpec
 from jaxtune.models.model import Adapters, Model, with_peft
-from jaxtune.peft import adapters, lora, prompts, quant, select
+from jaxtune.peft import adapters, lora, names, prompts, quant, select
 from jaxtune.peft.names import PeftConfigError
 from jaxtune.peft.parts import Context, Part
 from jaxtune.peft.settings import SELECTION, method_config, methods_of
@@ -120,24 +120,35 @@ class Plan:
         return prompts.materialize(trainable)
 
     def adapters(self, trainable: dict) -> Adapters:
-        """`Adapters` for `model.logits(..., adapters=)` and `save_adapter`, over the *unsplit* base params
-        (layer stacks joined, encoders folded, the `quant` collection included for QLoRA)."""
+        """`Adapters` for `model.logits(..., adapters=)` and `save_adapter`, over the *unsplit* base params of
+        `base_model(trainable)` (layer stacks joined, encoders folded, the `quant` collection included for QLoRA).
+        PiSSA's factors are re-expressed relative to the original weights (`lora.pissa_to_lora`)."""
         spec = dataclasses.replace(self.spec, layer_split=0)
         folded = self.fold(trainable)
         variables = {k: select.join_layers(v) for k, v in folded.items() if k != "params"}
+        if "pissa_initial" in self.info:
+            variables["lora"] = lora.pissa_to_lora(variables["lora"], self.info["pissa_initial"])
         if "quant" in self.frozen:
             variables["quant"] = self.frozen["quant"]
         return Adapters(variables=variables, spec=spec)
 
     def base_model(self, trainable: dict) -> Model:
-        """The model with the trained base params put back (full / BitFit / freeze), layer stacks joined."""
+        """The model with the trained base params put back (full / BitFit / freeze), layer stacks joined; for
+        PiSSA the original kernels, not the residuals (`adapters` is relative to them)."""
         params = select.join_layers(deep_merge(self.frozen.get("params", {}), trainable.get("params", {})))
+        if "pissa_initial" in self.info:
+            for m in names.modules(self.model.arch):
+                if lora.has_leaf(self.info["pissa_initial"], m.path):
+                    path = (*m.path, "kernel")
+                    params = names.set_path(params, path, names.get_path(self.model.params, path))
         return dataclasses.replace(self.model, params=params)
 
 
 def _check(model: Model, methods: tuple[str, ...], quantization: str) -> None:
     if not model.arch.scan_layers:
-        raise PeftConfigError("jaxtune.peft needs the scanned layer layout: load the model with scan_layers=True")
+        raise PeftConfigError(
+            "jaxtune.peft needs the scanned layer layout: load the model with scan_layers=True"
+        )
     for m in methods:
         if m not in BUILDERS:
             raise PeftConfigError(f"unknown method {m!r}; methods: {', '.join(BUILDERS)}")
@@ -145,7 +156,9 @@ def _check(model: Model, methods: tuple[str, ...], quantization: str) -> None:
         if len(group & set(methods)) > 1:
             raise PeftConfigError(f"methods {sorted(group & set(methods))} cannot be combined (pick one)")
     if quantization != "none" and "full" in methods:
-        raise PeftConfigError("full fine-tuning cannot use a quantised base (quantised weights stay frozen); use qlora")
+        raise PeftConfigError(
+            "full fine-tuning cannot use a quantised base (quantised weights stay frozen); use qlora"
+        )
     if "qlora" in methods and quantization == "none":
         raise PeftConfigError("qlora is LoRA over a quantised base: set model.quantization to nf4 or int8")
 
@@ -167,7 +180,9 @@ def prepare(
     cfg = method_config(method_cfg)
     methods = methods_of(cfg)
     if quantized is not None and quantization == "none":
-        raise PeftConfigError("quantized= was given but quantization='none'; pass the format it was built with")
+        raise PeftConfigError(
+            "quantized= was given but quantization='none'; pass the format it was built with"
+        )
     _check(model, methods, quantization)
     if isinstance(rng, int):
         rng = jax.random.key(rng)
@@ -176,19 +191,23 @@ def prepare(
     if quantization != "none":
         quant.check(quantization, quant_block_size)
         arch = arch.replace(peft=dataclasses.replace(arch.peft, quant=quantization))
-        if cfg.pissa and qvars is not None:
-            raise PeftConfigError("PiSSA needs full-precision base weights: load the model unquantised")
-        if not cfg.pissa and qvars is None:
+        if cfg.pissa:
+            # QPiSSA would quantise the residual W - sBA, so its adapter is relative to a base no checkpoint holds
+            raise PeftConfigError(
+                "PiSSA with a quantised base is not supported (its adapter could not be exported relative to the "
+                "original weights): set method.pissa=false or model.quantization=none"
+            )
+        if qvars is None:
             params, qvars = quant.quantize_params(params, arch, quantization, quant_block_size, double_quant)
     base_for_init = params if qvars is None else quant.dequantize_params(params, qvars, arch)
     parts: list[Part] = []
     for name, key in zip(methods, jax.random.split(rng, len(methods))):
-        part = BUILDERS[name](Context(model=dataclasses.replace(model, arch=arch), cfg=cfg, params=base_for_init, rng=key))
+        part = BUILDERS[name](
+            Context(model=dataclasses.replace(model, arch=arch), cfg=cfg, params=base_for_init, rng=key)
+        )
         if part.params is not None and part.params is not base_for_init:  # PiSSA residuals
             base_for_init = params = part.params
         parts.append(part)
-    if quantization != "none" and qvars is None:  # PiSSA: quantise the residual (QPiSSA, as PEFT + bnb)
-        params, qvars = quant.quantize_params(params, arch, quantization, quant_block_size, double_quant)
     spec_fields: dict = {"quant": quantization}
     for part in parts:
         spec_fields.update(part.spec)
@@ -210,8 +229,10 @@ def prepare(
     if selects or cfg.trainable_patterns:
         predicate = select.pattern_predicate(cfg.trainable_patterns, cfg.frozen_patterns, selects)
         chosen, rest = select.partition(frozen["params"], predicate)
-        if any(m in SELECTION for m in methods):
-            select.check_nonempty(chosen, f"method {'+'.join(methods)}")
+        for name, part in zip(methods, parts):
+            # a selection method must select something (BitFit on a bias-less model trains only its added biases)
+            if name in SELECTION and not part.trainable:
+                select.check_nonempty(select.partition(frozen["params"], part.select)[0], f"method {name}")
         if chosen:
             trainable["params"], frozen["params"] = chosen, rest
     multipliers = jax.tree.map(lambda _: 1.0, trainable)
@@ -219,6 +240,8 @@ def prepare(
     flat_m = traverse_util.flatten_dict(multipliers)
     flat_m.update({k: v for k, v in flat_lr.items() if k in flat_m})
     info = {k: v for part in parts for k, v in part.info.items()}
+    if cfg.pissa:  # the initial factors, to express the trained adapter relative to the original weights
+        info["pissa_initial"] = next(p.trainable["lora"] for p in parts if "lora" in p.trainable)
     return Plan(
         frozen=frozen,
         trainable=trainable,

@@ -111,7 +111,10 @@ def build_ptuning(ctx: Context) -> Part:
             "l1_fwd": _lstm_params(keys[3], 2 * e, e, dtype),
             "l1_bwd": _lstm_params(keys[4], 2 * e, e, dtype),
         }
-        enc["head"] = {"dense_0": _dense(keys[5], 2 * e, 2 * e, dtype), "dense_1": _dense(keys[6], 2 * e, d, dtype)}
+        enc["head"] = {
+            "dense_0": _dense(keys[5], 2 * e, 2 * e, dtype),
+            "dense_1": _dense(keys[6], 2 * e, d, dtype),
+        }
     return Part(trainable={"prompt": {"encoder": enc}}, spec={"prompt_tokens": n})
 
 
@@ -131,7 +134,9 @@ def build_prefix(ctx: Context) -> Part:
         tree = {"encoder": enc}
     else:
         key = jax.random.normal(k1, (layers, n, *kv), dtype)
-        tree = {"layers": {"self_attn": {"key": key, "value": jax.random.normal(k4, (layers, n, *kv), dtype)}}}
+        tree = {
+            "layers": {"self_attn": {"key": key, "value": jax.random.normal(k4, (layers, n, *kv), dtype)}}
+        }
     return Part(trainable={"prefix": tree}, spec={"prefix_tokens": n})
 
 

@@ -108,7 +108,9 @@ for _fmt in FORMATS:
 
 def check(fmt: str, block_size: int) -> None:
     if fmt not in FORMATS:
-        raise PeftConfigError(f"quantization={fmt!r} is not supported (supported: none, {', '.join(FORMATS)})")
+        raise PeftConfigError(
+            f"quantization={fmt!r} is not supported (supported: none, {', '.join(FORMATS)})"
+        )
     if block_size < 2 or block_size % 2:
         raise PeftConfigError(f"quant_block_size must be an even number >= 2, got {block_size}")
 
@@ -127,7 +129,9 @@ def quantize_params(params: dict, arch, fmt: str, block_size: int = 64, double_q
         stacked = names.get_path(params, path)  # [L, in, out]
         layers = [quantize(stacked[i], fmt, block_size, double_quant) for i in range(stacked.shape[0])]
         quant = names.set_path(quant, m.path, jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
-        params = names.set_path(params, m.path, {k: v for k, v in names.get_path(params, m.path).items() if k != "kernel"})
+        params = names.set_path(
+            params, m.path, {k: v for k, v in names.get_path(params, m.path).items() if k != "kernel"}
+        )
     return params, quant
 
 
@@ -139,8 +143,8 @@ def dequantize_params(params: dict, quant: dict, arch) -> dict:
             q = names.get_path(quant, m.path)
         except KeyError:
             continue
-        shape = (m.in_features, m.out_features)
-        kernel = jax.vmap(lambda x: dequantize(x, shape, arch.weight_dtype, fmt))(q)
+        one = partial(dequantize, shape=(m.in_features, m.out_features), dtype=arch.weight_dtype, fmt=fmt)
+        kernel = jax.vmap(one)(q)  # [L, in, out]
         params = names.set_path(params, (*m.path, "kernel"), kernel)
     return params
 

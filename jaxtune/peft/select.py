@@ -46,7 +46,9 @@ def build_bitfit(ctx: Context) -> Part:
         if m.kind != "linear" or not m.per_layer:
             continue
         if "bias" not in names.get_path(ctx.params, m.path):
-            extra = names.set_path(extra, m.path, {"bias": jnp.zeros((arch.num_layers, m.out_features), arch.weight_dtype)})
+            extra = names.set_path(
+                extra, m.path, {"bias": jnp.zeros((arch.num_layers, m.out_features), arch.weight_dtype)}
+            )
     trainable = {"bitfit": extra} if extra else {}
     return Part(trainable=trainable, select=lambda path: path.endswith("/bias") or path == "bias")
 
@@ -62,7 +64,9 @@ def freeze_split(ctx: Context) -> tuple[int, str]:
 def build_freeze(ctx: Context) -> Part:
     split, stack = freeze_split(ctx)
     modules = ctx.cfg.freeze_trainable_modules
-    patterns = [re.compile(rf"(^|/){re.escape(m).replace(chr(92) + '.', '/')}(/|$)") for m in modules if m != "all"]
+    patterns = [
+        re.compile(rf"(^|/){re.escape(m).replace(chr(92) + '.', '/')}(/|$)") for m in modules if m != "all"
+    ]
 
     def select(path: str) -> bool:
         if not path.startswith(f"{stack}/"):
@@ -116,4 +120,6 @@ def pattern_predicate(trainable_patterns, frozen_patterns, selects):
 
 def check_nonempty(trainable_params: dict, what: str) -> None:
     if not traverse_util.flatten_dict(trainable_params):
-        raise PeftConfigError(f"{what} selects no parameter; parameter paths look like layers/mlp/up_proj/kernel")
+        raise PeftConfigError(
+            f"{what} selects no parameter; parameter paths look like layers/mlp/up_proj/kernel"
+        )

@@ -25,7 +25,9 @@ def method_config(cfg) -> MethodConfig:
         d = dict(cfg)
         if "method" in d:
             if "name" in d and d["name"] != d["method"]:
-                raise typed_yaml.ConfigError(f"method_cfg gives method={d['method']!r} and name={d['name']!r}")
+                raise typed_yaml.ConfigError(
+                    f"method_cfg gives method={d['method']!r} and name={d['name']!r}"
+                )
             d["name"] = d.pop("method")
     else:
         d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(MethodConfig) if hasattr(cfg, f.name)}

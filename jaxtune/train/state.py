@@ -6,6 +6,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxtune.peft.prompts import materialize
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -38,4 +40,6 @@ def merge_variables(frozen: dict, trainable: dict) -> dict:
             out[k] = merge(out[k], v) if k in out else v
         return out
 
-    return merge(frozen, trainable)
+    # P-tuning / prefix-projection encoders -> the virtual tokens / prefixes the model reads, computed here so
+    # that gradients reach the encoder parameters (identity for every other method)
+    return materialize(merge(frozen, trainable))

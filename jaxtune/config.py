@@ -400,6 +400,8 @@ class RunConfig:
         check(
             self.stage != "grpo" or self.grpo.reward_fns, "grpo.reward_fns", "is empty; stage grpo needs one"
         )
+        detail = "is kto, which trains on unpaired labelled completions: set stage: kto"
+        check(self.stage != "dpo" or self.dpo.loss_type != "kto", "dpo.loss_type", detail)
 
     @property
     def parallelism(self) -> ParallelConfig:

@@ -308,6 +308,8 @@ def detect(data: Mapping, spec: FormatSpec) -> tuple[str, FormatSpec]:
             if key in keys:
                 cols.setdefault("messages", key)
                 return "sharegpt", dataclasses.replace(spec, ranking=True, columns=cols)
+        if has("instruction"):  # LLaMA-Factory's alpaca ranking rows: instruction [+ input] + chosen/rejected
+            return "alpaca", dataclasses.replace(spec, ranking=True)
         return "preference", spec
     if has("label") and (has("messages") or has("conversations") or has("prompt", "completion")):
         if has("conversations"):

@@ -90,9 +90,11 @@ def run(cfg) -> dict:
                         quant_block_size=m.quant_block_size)  # fmt: skip
     arch = model.arch.replace(peft=plan.spec, neftune_alpha=t.neftune_alpha or 0.0)
     lm = LM(arch, chunk=t.loss_chunk_size)
-    optimizer, lr = optim.build(t, plan.trainable, steps, plan.lr_multipliers)
-    state = state_lib.create(plan.trainable, optimizer, cfg.seed)
-    frozen = plan.frozen
+    trainable, frozen, multipliers = plan.trainable, plan.frozen, plan.lr_multipliers
+    if hasattr(method, "prepare"):  # rm: adds the score head; dpo/kto: reference copy or precomputed log-probs
+        trainable, frozen, multipliers, train_it, eval_it = method.prepare(cfg, lm, plan, tokenizer, train_it, eval_it)
+    optimizer, lr = optim.build(t, trainable, steps, multipliers)
+    state = state_lib.create(trainable, optimizer, cfg.seed)
     log.info("model %s: %s", model.arch.model_type, plan.describe())
     log.info("optimizer state: %.2f MB; %d steps of %d sequences", optim.state_bytes(state.opt_state) / 2**20, steps, t.batch_size)
 
@@ -172,7 +174,7 @@ def run(cfg) -> dict:
         summary["generate_accuracy_after"] = acc
         summary["samples"] = rows[:3]
     if main and t.export_hf:
-        summary["export"] = str(_export(model, plan, state.trainable, run_dir))
+        summary["export"] = str(getattr(method, "export", _export)(model, plan, state.trainable, run_dir))
     if main and cfg.logging.plot:
         from jaxtune.train import plot
 

@@ -39,7 +39,11 @@ def hf_scores(model, ids, mask) -> np.ndarray:
     ids = np.where(mask == 1, ids, PAD)  # HF finds the last token by the pad id
     positions = np.clip(mask.cumsum(-1) - 1, 0, None)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions))
+        out = model(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(positions),
+        )
     return out.logits[:, 0].float().numpy()
 
 
@@ -108,4 +112,6 @@ def test_token_scores_and_last_token():
     per_token = token_scores(arch, params, hidden)
     chex.assert_shape(per_token, (3, 5))
     chex.assert_trees_all_close(per_token, hidden @ params["score"]["kernel"][:, 0], rtol=1e-6)
-    chex.assert_trees_all_close(sequence_scores(arch, params, hidden, seg), per_token[jnp.arange(3), jnp.array([4, 2, 0])])
+    chex.assert_trees_all_close(
+        sequence_scores(arch, params, hidden, seg), per_token[jnp.arange(3), jnp.array([4, 2, 0])]
+    )

@@ -1,0 +1,157 @@
+"""KTO (stage `kto`): alignment from unpaired completions labelled desirable or undesirable.
+
+Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Sec. 4 (the KTO loss), as
+TRL's `KTOTrainer.kto_loss`. With r = log π(y|x) - log π_ref(y|x) (summed over the completion's trained tokens)
+and z0 the reference point,
+
+    desirable:    L = λ_D (1 - σ(β (r - z0)))        ∂L/∂log π = -λ_D β s (1 - s),  s = σ(β (r - z0))
+    undesirable:  L = λ_U (1 - σ(β (z0 - r)))        ∂L/∂log π =  λ_U β u (1 - u),  u = σ(β (z0 - r))
+
+    z0 = max(0, mean_i [log π(y_j|x_i) - log π_ref(y_j|x_i)])   over mismatched pairs, no gradient
+
+λ_D, λ_U = dpo.desirable_weight, dpo.undesirable_weight; β = dpo.beta. As in the paper and TRL, z0 is a biased
+estimate of KL(π || π_ref) from the same micro-batch: row i's prompt followed by row (i-1)'s completion
+(`mismatched`; TRL builds these pairs in its dataset instead), so micro-batches need at least 2 rows. The
+prompt of a row is everything before its first trained token, the completion everything after.
+
+Reference as in `methods/reference.py` (adapters off, or a frozen copy under full fine-tuning);
+`dpo.precompute_ref_log_probs` is refused, because z0 pairs rows differently in every batch.
+Metrics: loss, kl (z0), accuracy (desirable with r > z0, undesirable with r < z0), rewards/chosen and
+rewards/rejected (β r means over the desirable / undesirable rows of each micro-batch, averaged over
+micro-batches by size), logps (policy log-probs).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune.data.batch import KTOBatch, TokenBatch
+from jaxtune.methods import reference
+from jaxtune.methods.dpo import finalize, sequence_logps_of
+
+log = logging.getLogger("jaxtune.train")
+
+Batch = KTOBatch
+needs_reference = True
+
+__all__ = [
+    "Batch",
+    "denominator",
+    "finalize",
+    "kto_losses",
+    "loss_fn",
+    "mismatched",
+    "needs_reference",
+    "prepare",
+]
+
+
+def kto_losses(
+    policy, ref, kl, label, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+):
+    """Per-example KTO loss [B] from summed log-probs, the reference point `kl` and boolean labels."""
+    r = policy - ref
+    desirable = desirable_weight * (1 - jax.nn.sigmoid(beta * (r - kl)))
+    undesirable = undesirable_weight * (1 - jax.nn.sigmoid(beta * (kl - r)))
+    return jnp.where(label, desirable, undesirable)
+
+
+def _valid(tb: TokenBatch):
+    return tb.loss_mask.sum(-1) > 0
+
+
+def mismatched(tb: TokenBatch) -> tuple[TokenBatch, jax.Array]:
+    """Row i := prompt of row i + completion of row i-1 (cyclic), cut to T tokens; and which rows are real.
+
+    Rows are right-padded single documents (KTO batches are never packed). Loss weights come with the
+    completion from its own row."""
+    b, t = tb.input_ids.shape
+    trained = tb.loss_mask > 0
+    p = jnp.argmax(trained, axis=-1) + 1  # [B] prompt length: target t is token t + 1
+    n = (tb.segment_ids > 0).sum(-1)  # [B] real tokens
+    j = jnp.roll(jnp.arange(b), 1)  # donor of row i's completion: row i - 1
+    pj = p[j]
+    length = jnp.minimum(p + n[j] - pj, t)  # [B]
+    pos = jnp.arange(t)[None, :]  # [1, T]
+    src = jnp.clip(pos - p[:, None] + pj[:, None], 0, t - 1)  # [B, T] where token t comes from in the donor
+    ids = jnp.where(pos < p[:, None], tb.input_ids, jnp.take_along_axis(tb.input_ids[j], src, axis=1))
+    real = pos < length[:, None]
+    ids = jnp.where(real, ids, 0)
+    has_next = pos + 1 < length[:, None]
+    targets = jnp.where(has_next, jnp.roll(ids, -1, axis=1), 0)
+    # weight of target t (token t + 1): the donor's weight for its token src(t + 1), i.e. loss_mask[src(t)]
+    weights = jnp.take_along_axis(tb.loss_mask[j], src, axis=1)
+    ok = _valid(tb) & _valid(tb)[j]  # [B]
+    loss_mask = jnp.where(has_next & (pos >= p[:, None] - 1) & ok[:, None], weights, 0.0)
+    out = TokenBatch(
+        input_ids=ids.astype(tb.input_ids.dtype),
+        targets=targets.astype(tb.targets.dtype),
+        loss_mask=loss_mask.astype(tb.loss_mask.dtype),
+        segment_ids=real.astype(tb.segment_ids.dtype),
+        positions=jnp.where(real, pos, 0).astype(tb.positions.dtype),
+    )
+    return out, ok
+
+
+def denominator(batch: KTOBatch):
+    """Labelled completions in the batch: the loss is a mean over them."""
+    return _valid(batch.batch).sum()
+
+
+def loss_fn(lm, variables, batch: KTOBatch, rng, cfg, train: bool = True):
+    d = cfg.dpo
+    tb = batch.batch
+    b = tb.input_ids.shape[0]
+    if b < 2:
+        raise ValueError(
+            "stage kto estimates its KL reference point from mismatched rows of one micro-batch: use "
+            "training.batch_size (or training.micro_batch_size) >= 2"
+        )  # fmt: skip
+    policy_vars, ref_vars = reference.split(variables)
+    kl_batch, kl_ok = mismatched(tb)
+    both = jax.tree.map(
+        lambda a, c: jnp.concatenate([a, c]), tb, kl_batch
+    )  # [2B, T]: one pass for each model
+    logps, _ = sequence_logps_of(lm, policy_vars, both, rng, train)
+    ref, _ = sequence_logps_of(lm, ref_vars, both)
+    ref = jax.lax.stop_gradient(ref)
+    policy, policy_kl, ref, ref_kl = logps[:b], logps[b:], ref[:b], ref[b:]
+    w = kl_ok.astype(jnp.float32)
+    kl = jax.lax.stop_gradient(jnp.maximum(((policy_kl - ref_kl) * w).sum() / jnp.maximum(w.sum(), 1.0), 0.0))
+    label = batch.label.astype(bool)
+    losses = kto_losses(policy, ref, kl, label, d.beta, d.desirable_weight, d.undesirable_weight)
+    valid = _valid(tb).astype(jnp.float32)
+    total = lambda x: (x * valid).sum()
+    reward = jax.lax.stop_gradient(d.beta * (policy - ref))
+    n_valid = valid.sum()
+
+    def class_mean(mask):  # the micro-batch's class mean, weighted by its size (see module docstring)
+        m = mask.astype(jnp.float32) * valid
+        return (reward * m).sum() / jnp.maximum(m.sum(), 1.0) * n_valid
+
+    sums = {
+        "loss": total(losses),
+        "kl": kl * n_valid,
+        "accuracy": total(jnp.where(label, policy - ref > kl, policy - ref < kl).astype(jnp.float32)),
+        "rewards/chosen": class_mean(label),
+        "rewards/rejected": class_mean(~label),
+        "logps": total(jax.lax.stop_gradient(policy)),
+        "tokens": (tb.segment_ids > 0).sum().astype(jnp.float32),
+    }
+    return total(losses), sums
+
+
+def prepare(cfg, lm, plan, tokenizer, train_it, eval_it):
+    """The reference for this run: adapters off under PEFT, else a frozen copy of the trained leaves."""
+    mode = reference.reference_mode(cfg.dpo, plan.trainable)
+    if mode == "precomputed":
+        raise ValueError(
+            "stage kto cannot use dpo.precompute_ref_log_probs: its KL reference point pairs each prompt with "
+            "another row's completion, different in every batch; set it to false"
+        )  # fmt: skip
+    log.info("kto: reference=%s", mode)
+    frozen = reference.add_frozen_copy(plan.frozen, plan.trainable) if mode == "frozen_copy" else plan.frozen
+    return plan.trainable, frozen, plan.lr_multipliers, train_it, eval_it

@@ -1,0 +1,126 @@
+"""Reward modelling (stage `rm`): a scalar `score` head on the decoder, trained on chosen/rejected pairs.
+
+The reward of a sequence is the score head (`jaxtune/models/score.py`, HF's `score` Linear) on the final hidden
+state of its last real token. The loss per pair is the Bradley-Terry negative log-likelihood with a margin m
+(Llama 2, Touvron et al. 2023, Eq. 2) and optional reward centring (Eisenstein et al. 2023, "Helping or
+Herding?", Sec. 3), as TRL's `RewardTrainer.compute_loss`:
+
+    L = -log σ(r_c - r_r - m) + c (r_c + r_r)²            m = rm.margin, c = rm.center_rewards_coef
+    ∂L/∂r_c = -σ(m - (r_c - r_r)) + 2c (r_c + r_r),   ∂L/∂r_r = σ(m - (r_c - r_r)) + 2c (r_c + r_r)
+
+(TRL takes m per example from a `margin` column and adds c · mean((r_c + r_r)²); here m is one number and both
+terms are means over the pairs of the optimiser step.) Metrics: loss, accuracy (pairwise: r_c > r_r),
+rewards/chosen, rewards/rejected, margins (r_c - r_r means).
+
+The head trains with whatever the method trains: with LoRA it is `params/score` beside the adapters (PEFT's
+`modules_to_save=["score"]`). A base loaded from a `*ForSequenceClassification` directory keeps its head.
+Export writes that HF layout (`score.weight`, architectures, num_labels=1, pad_token_id) with adapters merged,
+which `transformers.AutoModelForSequenceClassification` loads with the same scores, and which PPO reads as its
+reward model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune.data.batch import PreferenceBatch
+from jaxtune.methods.dpo import finalize, pair_batch, pair_mask
+from jaxtune.models.score import init_score, seq_cls_config, sequence_scores
+
+log = logging.getLogger("jaxtune.train")
+
+Batch = PreferenceBatch
+needs_reference = False
+UNMERGEABLE = ("prompt", "prefix", "adapter")  # collections a plain HF checkpoint cannot hold
+
+__all__ = ["Batch", "denominator", "export", "finalize", "loss_fn", "needs_reference", "prepare", "rewards"]
+
+
+def denominator(batch):
+    """Pairs in the batch: the loss is a mean over pairs."""
+    return pair_mask(batch).sum()
+
+
+def rewards(lm, variables, batch: PreferenceBatch, rng=None, train: bool = False):
+    """(chosen rewards [B], rejected rewards [B]) from one forward pass over both."""
+    both = pair_batch(batch.chosen, batch.rejected)  # [2B, T]
+    hidden = lm.hidden(variables, both, rng, train)  # [2B, T, D]
+    r = sequence_scores(lm.arch, variables["params"], hidden, both.segment_ids)  # [2B]
+    b = batch.chosen.input_ids.shape[0]
+    return r[:b], r[b:]
+
+
+def pair_loss(r_c, r_r, margin: float = 0.0, center_coef: float = 0.0):
+    """Per-pair Bradley-Terry loss with margin and centring (module docstring)."""
+    loss = -jax.nn.log_sigmoid(r_c - r_r - margin)
+    if center_coef:
+        loss = loss + center_coef * jnp.square(r_c + r_r)
+    return loss
+
+
+def loss_fn(lm, variables, batch: PreferenceBatch, rng, cfg, train: bool = True):
+    r_c, r_r = rewards(lm, variables, batch, rng, train)
+    valid = pair_mask(batch)
+    losses = pair_loss(r_c, r_r, cfg.rm.margin, cfg.rm.center_rewards_coef)
+    total = lambda x: (x * valid).sum()
+    sg = jax.lax.stop_gradient
+    sums = {
+        "loss": total(losses),
+        "accuracy": total((r_c > r_r).astype(jnp.float32)),
+        "rewards/chosen": total(sg(r_c)),
+        "rewards/rejected": total(sg(r_r)),
+        "margins": total(sg(r_c - r_r)),
+        "tokens": ((batch.chosen.segment_ids > 0).sum() + (batch.rejected.segment_ids > 0).sum()).astype(
+            jnp.float32
+        ),
+    }
+    return total(losses), sums
+
+
+def prepare(cfg, lm, plan, tokenizer, train_it, eval_it):
+    """Put a trainable score head into the run: the base's own (a *ForSequenceClassification checkpoint) or a
+    fresh one (`init_score`, seeded by the run). Returns (trainable, frozen, lr_multipliers, train_it, eval_it)."""
+    unmergeable = [c for c in UNMERGEABLE if c in plan.trainable]
+    if unmergeable and cfg.training.export_hf:
+        raise ValueError(
+            f"stage rm exports a *ForSequenceClassification model, which cannot hold {'/'.join(unmergeable)} "
+            "adapters: use method lora, qlora, dora, ia3, bitfit, freeze or full, or set training.export_hf=false"
+        )  # fmt: skip
+    frozen_params = dict(plan.frozen["params"])
+    trainable = dict(plan.trainable)
+    params = dict(trainable.get("params", {}))
+    head = params.pop("score", None) or frozen_params.pop("score", None)
+    if head is None:
+        head = init_score(lm.arch, jax.random.fold_in(jax.random.key(cfg.seed), 7))
+        log.info("rm: new score head [%d, 1] on %s", lm.arch.hidden_size, lm.arch.model_type)
+    params["score"] = head
+    trainable["params"] = params
+    multipliers = dict(plan.lr_multipliers)
+    multipliers["params"] = {**multipliers.get("params", {}), "score": jax.tree.map(lambda _: 1.0, head)}
+    frozen = {**plan.frozen, "params": frozen_params}
+    return trainable, frozen, multipliers, train_it, eval_it
+
+
+def export(model, plan, trainable, run_dir) -> Path:
+    """`run_dir/hf`: an `AutoModelForSequenceClassification` directory, adapters merged into the base."""
+    from jaxtune import peft
+    from jaxtune.models.hf import save_model
+
+    out = Path(run_dir) / "hf"
+    # the head trains (prepare moved a loaded one out of the frozen params): take it from `trainable` only
+    frozen = {**plan.frozen, "params": {k: v for k, v in plan.frozen["params"].items() if k != "score"}}
+    base = dataclasses.replace(plan, frozen=frozen).base_model(trainable)  # trained leaves and head put back
+    base = dataclasses.replace(base, hf_config=seq_cls_config(base.hf_config, model.tokenizer))
+    adapters = plan.adapters(trainable)
+    if {k for k in adapters.variables if k != "quant"}:
+        peft.merge_and_export(base, adapters, out)
+    else:
+        save_model(base, out)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(out))
+    return out

@@ -103,18 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(command("train", "fine-tune a model as a YAML config (and overrides) describes"))
 
     p = command("export", "write a checkpoint as a Hugging Face model or a PEFT adapter")
-    p.add_argument(
-        "--checkpoint",
-        metavar="RUN_DIR_OR_STEP",
-        required=True,
-        help="run directory (latest step) or step directory",
-    )
-    p.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    p.add_argument("run", nargs="?", metavar="RUN_DIR", help="run directory (latest step) or its checkpoints/<step>")
+    p.add_argument("--checkpoint", metavar="RUN_DIR_OR_STEP", help="the same as RUN_DIR")
+    p.add_argument("--out", metavar="DIR", help="output directory (or give it to --adapter / --merge)")
     kind = p.add_mutually_exclusive_group()
-    kind.add_argument("--adapter", action="store_true", help="write only the adapter, in PEFT-library format")
     kind.add_argument(
-        "--merge", action="store_true", help="merge adapters into the base weights; write a full HF model"
-    )
+        "--adapter", nargs="?", const=True, default=False, metavar="DIR",
+        help="write only the adapter, in PEFT-library format (default without a flag: adapter methods -> adapter, "
+        "full / BitFit / freeze -> HF model)",
+    )  # fmt: skip
+    kind.add_argument(
+        "--merge", nargs="?", const=True, default=False, metavar="DIR",
+        help="merge adapters into the base weights; write a full HF model",
+    )  # fmt: skip
     p.add_argument("--config", metavar="CONFIG", help="run config, when the run directory has none")
 
     p = command("generate", "complete a prompt with a model (and optional adapter)")

@@ -24,6 +24,11 @@ from jaxtune.peft.names import PeftConfigError
 from jaxtune.peft.parts import Context, Part
 
 
+def params_kernel(ctx: Context, params: dict, m: names.Module):
+    """The kernel DoRA's magnitude starts from: PiSSA's residual when this part replaced it, else the base's."""
+    return names.get_path(params, (*m.path, "kernel")) if params is not ctx.params else ctx.kernel(m)
+
+
 def ranks_and_scales(ctx: Context, chosen: list[names.Module]) -> dict[str, tuple[int, float]]:
     """{module name: (rank, scale)} with rank_pattern / alpha_pattern applied (same in every layer)."""
     cfg, arch = ctx.cfg, ctx.model.arch
@@ -89,7 +94,7 @@ def build(ctx: Context) -> Part:
                 "lora_b": jnp.zeros((*lead, r, m.out_features), dtype),
             }
         if dora:
-            kernel = names.get_path(params, (*m.path, "kernel"))
+            kernel = params_kernel(ctx, params, m)
             leaf["magnitude"] = column_norm(kernel, leaf, scale).astype(dtype)
         tree = names.set_path(tree, m.path, leaf)
         if cfg.loraplus_lr_ratio:

@@ -14,14 +14,24 @@ import jax
 
 from jaxtune.config import MethodConfig
 from jaxtune.models.model import Model
+from jaxtune.peft import names
+from jaxtune.peft import quant as quant_lib
 
 
 @dataclass
 class Context:
-    model: Model
+    model: Model  # its arch carries the quantisation format
     cfg: MethodConfig
     params: dict  # the base params as the previous parts left them (PiSSA replaces kernels by residuals)
     rng: jax.Array
+    quant: dict | None = None  # QLoRA: the quantised kernels, which `params` then lacks
+
+    def kernel(self, m: names.Module):
+        """Module `m`'s base kernel in full precision: from `params`, or dequantised from `quant` one module at
+        a time (never the whole model: that full-precision copy is what QLoRA avoids)."""
+        if self.quant is not None and m in quant_lib.quantized_modules(self.model.arch):
+            return quant_lib.dequantize_kernel(self.quant, m, self.model.arch)
+        return names.get_path(self.params, (*m.path, "kernel"))
 
 
 @dataclass

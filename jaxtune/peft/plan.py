@@ -199,11 +199,11 @@ def prepare(
             )
         if qvars is None:
             params, qvars = quant.quantize_params(params, arch, quantization, quant_block_size, double_quant)
-    base_for_init = params if qvars is None else quant.dequantize_params(params, qvars, arch)
+    base_for_init = params
     parts: list[Part] = []
     for name, key in zip(methods, jax.random.split(rng, len(methods))):
         part = BUILDERS[name](
-            Context(model=dataclasses.replace(model, arch=arch), cfg=cfg, params=base_for_init, rng=key)
+            Context(dataclasses.replace(model, arch=arch), cfg, params=base_for_init, rng=key, quant=qvars)
         )
         if part.params is not None and part.params is not base_for_init:  # PiSSA residuals
             base_for_init = params = part.params

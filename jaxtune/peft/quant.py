@@ -135,17 +135,22 @@ def quantize_params(params: dict, arch, fmt: str, block_size: int = 64, double_q
     return params, quant
 
 
+def dequantize_kernel(quant: dict, m: names.Module, arch):
+    """One module's stacked kernel [L, in, out] in full precision (QDoRA's magnitudes need ||W||)."""
+    one = partial(
+        dequantize, shape=(m.in_features, m.out_features), dtype=arch.weight_dtype, fmt=arch.peft.quant
+    )
+    return jax.vmap(one)(names.get_path(quant, m.path))
+
+
 def dequantize_params(params: dict, quant: dict, arch) -> dict:
     """Full-precision kernels back into params (for merged export of a QLoRA model)."""
-    fmt = arch.peft.quant
     for m in quantized_modules(arch):
         try:
-            q = names.get_path(quant, m.path)
+            names.get_path(quant, m.path)
         except KeyError:
             continue
-        one = partial(dequantize, shape=(m.in_features, m.out_features), dtype=arch.weight_dtype, fmt=fmt)
-        kernel = jax.vmap(one)(q)  # [L, in, out]
-        params = names.set_path(params, (*m.path, "kernel"), kernel)
+        params = names.set_path(params, (*m.path, "kernel"), dequantize_kernel(quant, m, arch))
     return params
 
 

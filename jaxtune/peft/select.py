@@ -45,7 +45,7 @@ def build_bitfit(ctx: Context) -> Part:
     for m in names.modules(arch):
         if m.kind != "linear" or not m.per_layer:
             continue
-        if "bias" not in names.get_path(ctx.params, m.path):
+        if "bias" not in names.get_path(ctx.params, m.path[:-1]).get(m.name, {}):  # QLoRA may leave no leaf
             extra = names.set_path(
                 extra, m.path, {"bias": jnp.zeros((arch.num_layers, m.out_features), arch.weight_dtype)}
             )

@@ -224,18 +224,11 @@ def _early_stop(evaluated: dict, meta: dict, t, step: int) -> bool:
 
 
 def _export(model, plan, trainable, run_dir: Path) -> Path:
-    """Full / BitFit / freeze-tuning -> an HF model directory; adapter methods -> a PEFT adapter directory."""
-    from jaxtune.models.hf import save_model
+    """Full / BitFit / freeze-tuning -> an HF model directory; adapter methods -> a PEFT adapter directory
+    (`jaxtune.export.export_plan`, the same as `jaxtune export RUN_DIR OUT` later)."""
+    from jaxtune.export import export_plan
 
-    if set(trainable) == {"params"}:
-        params = state_lib.merge_variables(plan.frozen, trainable)["params"]
-        model_out = type(model)(model.arch, params, model.tokenizer, model.hf_config, model.path)
-        return save_model(model_out, run_dir / "hf")
-    out = run_dir / "adapter"
-    peft.save_adapter(model, plan.adapters(trainable), out)
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(out))
-    return out
+    return export_plan(plan, trainable, run_dir / ("hf" if "params" in trainable else "adapter"))
 
 
 def _print_summary(summary: dict, meta: dict) -> None:

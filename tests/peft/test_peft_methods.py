@@ -35,7 +35,7 @@ METHODS = {
     "pissa": {"method": "lora", "pissa": True},
     "loraplus": {"method": "lora", "loraplus_lr_ratio": 16.0},
     "qlora_nf4": {"method": "qlora"},
-    "qlora_int8": {"method": "qlora"},
+    "qlora_int8": {"method": "qlora", "dora": True},  # QDoRA: magnitudes from the dequantised kernels
     "houlsby": {"method": "adapter", "adapter_size": 8},
     "pfeiffer": {"method": "adapter", "adapter_type": "pfeiffer", "adapter_size": 8, "adapter_activation": "gelu"},
     "ia3": {"method": "ia3"},
@@ -51,7 +51,10 @@ METHODS = {
     "full": {"method": "full"},
     "lora+prefix": {"method": "lora", "combine": ["prefix"], "num_virtual_tokens": V},
 }  # fmt: skip
-QUANT = {"qlora_nf4": dict(quantization="nf4", quant_block_size=16), "qlora_int8": dict(quantization="int8")}
+QUANT = {
+    "qlora_nf4": dict(quantization="nf4", quant_block_size=16, double_quant=True),
+    "qlora_int8": dict(quantization="int8"),
+}
 # virtual-token methods: not an identity at init (nor in the papers or PEFT)
 NO_IDENTITY = {"prompt", "ptuning_mlp", "ptuning_lstm", "prefix", "prefix_projection", "ptuning_v2", "lora+prefix"}  # fmt: skip
 _runs = {}

@@ -165,7 +165,7 @@ def test_plot_export_generate_dispatch(fake_targets, tmp_path):
     assert (args.checkpoint, args.out, args.merge, args.adapter) == ("runs/a", "o", True, False)
     assert cli.main(["generate", "--model", "m", "--prompt", "hi", "--top-k", "5", "--stop", "\n\n"]) == 0
     (args,), _ = fake_targets[-1]
-    assert args.prompt == "hi"
+    assert args.prompt == ["hi"]  # --prompt repeats: one completion each
     assert args.generation == GenerationConfig(top_k=5, stop=("\n\n",))
 
 

@@ -15,6 +15,11 @@ import jax.numpy as jnp
 from jaxtune.models import adapters_hook, kv_cache
 from jaxtune.models.arch import ArchConfig
 from jaxtune.models.layers import INIT_STD, Block, Norm, Proj, rope_tables
+from jaxtune.parallel.rules import constrain
+
+# The residual stream between layers: split over the batch (data, fsdp), whole along length and embed. A no-op
+# outside a mesh (single device); under one it pins the layout XLA would otherwise have to guess.
+RESIDUAL = ("batch", "length", "embed")
 
 REMAT_POLICIES = {
     "full": None,  # recompute everything in the backward pass
@@ -26,7 +31,7 @@ class _ScanBlock(Block):
     """`nn.scan` wants (carry, x) -> (carry, y): the residual stream is the carry."""
 
     def __call__(self, x, mask, cos, sin, positions, window):
-        return super().__call__(x, mask, cos, sin, positions, window), None
+        return constrain(super().__call__(x, mask, cos, sin, positions, window), RESIDUAL), None
 
 
 def attention_mask(segment_ids: jax.Array, virtual: bool = False) -> jax.Array:
@@ -129,6 +134,7 @@ class Decoder(nn.Module):
             x = x + neftune_noise(self.make_rng("dropout"), x, segment_ids, a.neftune_alpha)
         if a.positions == "learned":
             x = x + self.embed_positions(positions)
+        x = constrain(x, RESIDUAL)
         mask = cache_mask  # [B, 1, T, S]: a decode step sees the cache slots the caller marks
         if cache_mask is None:
             mask = attention_mask(segment_ids, virtual=a.peft.prompt_tokens > 0)  # [B, 1, T, T]
@@ -143,7 +149,7 @@ class Decoder(nn.Module):
                 x, _ = self.top_layers(x, mask, cos, sin, positions, windows[split:] if a.layer_windows else None)
         else:
             for i, layer in enumerate(self.layers):
-                x = layer(x, mask, cos, sin, positions, windows[i] if a.layer_windows else None)
+                x = constrain(layer(x, mask, cos, sin, positions, windows[i] if a.layer_windows else None), RESIDUAL)
         if cache_mask is not None:
             return self.norm(x)  # [B, T, D]
         return adapters_hook.strip_virtual(self, self.norm(x))  # [B, T, D]

@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from jaxtune.models.arch import DTYPES, ArchConfig
 from jaxtune.models.families import IGNORED_SUFFIXES, TensorMap, arch_from_hf, tensor_maps
-from jaxtune.models.model import Model, abstract_variables, init_params
+from jaxtune.models.model import Model, abstract_variables, init_params, param_shardings
 from jaxtune.models.safetensors_io import CheckpointError, Lazy, SafetensorsReader, write_sharded
 from jaxtune.models.score import SCORE_MAP, is_seq_cls, swap_head
 
@@ -128,18 +128,25 @@ def load_params(directory, arch: ArchConfig, shardings=None, head: str = "lm"):
 
 
 def load_model(
-    path, dtype="float32", param_dtype="float32", shardings=None, tokenizer=True, **runtime
+    path, dtype="float32", param_dtype="float32", shardings=None, tokenizer=True, mesh=None, **runtime
 ) -> Model:
-    """`jaxtune.load_model`: a local HF directory -> Model (params in `param_dtype`, compute in `dtype`)."""
+    """`jaxtune.load_model`: a local HF directory -> Model (params in `param_dtype`, compute in `dtype`).
+
+    `mesh`: load every tensor straight into its shards on that mesh (`parallel/rules.py`), unless `shardings`
+    (a stacked-layout params tree of `NamedSharding`s) says otherwise."""
     cfg = read_hf_config(path)
     arch = arch_from_hf(cfg, dtype=dtype, param_dtype=param_dtype, **runtime)
+    if shardings is None and mesh is not None:
+        shardings = param_shardings(arch.replace(scan_layers=True), mesh)
     params = load_params(path, arch, shardings, head="score" if is_seq_cls(cfg) else "lm")
     tok = load_tokenizer(path) if tokenizer else None
     return Model(arch=arch, params=params, tokenizer=tok, hf_config=cfg, path=str(path))
 
 
-def from_hf_config(hf_config: dict, rng=0, tokenizer=None, **runtime) -> Model:
-    """A randomly initialised model from HF config keys (e.g. {"model_type": "llama", "hidden_size": 64, ...})."""
+def from_hf_config(hf_config: dict, rng=0, tokenizer=None, mesh=None, **runtime) -> Model:
+    """A randomly initialised model from HF config keys (e.g. {"model_type": "llama", "hidden_size": 64, ...}).
+
+    `mesh`: every parameter is created in its shards on that mesh (the values do not depend on the mesh)."""
     from transformers import AutoConfig
 
     kwargs = dict(hf_config)
@@ -148,7 +155,8 @@ def from_hf_config(hf_config: dict, rng=0, tokenizer=None, **runtime) -> Model:
         raise CheckpointError("random_init needs a `model_type` (e.g. llama, qwen2, gpt2)")
     full = AutoConfig.for_model(model_type, **kwargs).to_dict()
     arch = arch_from_hf(full, **runtime)
-    return Model(arch=arch, params=init_params(arch, rng), tokenizer=tokenizer, hf_config=full)
+    shardings = None if mesh is None else param_shardings(arch, mesh)
+    return Model(arch=arch, params=init_params(arch, rng, shardings), tokenizer=tokenizer, hf_config=full)
 
 
 def stack_layers(params: dict, n_layers: int) -> dict:

@@ -54,11 +54,20 @@ def param_logical_axes(arch: ArchConfig):
     return nn.get_partition_spec(abstract_variables(arch))["params"]
 
 
-def init_params(arch: ArchConfig, rng: jax.Array | int = 0):
+def param_shardings(arch: ArchConfig, mesh):
+    """`NamedSharding` of every parameter on `mesh`, from its logical axes and `parallel/rules.py`."""
+    from jaxtune.parallel.rules import tree_shardings
+
+    return tree_shardings(abstract_variables(arch)["params"], None, mesh)
+
+
+def init_params(arch: ArchConfig, rng: jax.Array | int = 0, shardings=None):
+    """Random params; with `shardings` (e.g. `param_shardings(arch, mesh)`) each is created in its shards."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
     ids = jnp.zeros((1, 1), jnp.int32)
-    return nn.meta.unbox(Decoder(arch).init(rng, ids, ids, ids, method=Decoder.forward_logits))["params"]
+    init = lambda key: nn.meta.unbox(Decoder(arch).init(key, ids, ids, ids, method=Decoder.forward_logits))["params"]
+    return init(rng) if shardings is None else jax.jit(init, out_shardings=shardings)(rng)
 
 
 @partial(jax.jit, static_argnames=("arch", "hidden_only"))

@@ -83,8 +83,9 @@ def load_tokenizer(cfg):
     return None
 
 
-def build_model(cfg):
-    """The base model from `model.path` (HF directory) or `model.random_init` (HF config keys)."""
+def build_model(cfg, mesh=None):
+    """The base model from `model.path` (HF directory) or `model.random_init` (HF config keys); with `mesh`,
+    every parameter is loaded / created straight into its shards."""
     from jaxtune.models import hf
 
     m = cfg.model
@@ -92,14 +93,14 @@ def build_model(cfg):
                    scan_layers=m.scan_layers)  # fmt: skip
     tokenizer = load_tokenizer(cfg)
     if m.path:
-        model = hf.load_model(m.path, tokenizer=tokenizer is None, **runtime)
+        model = hf.load_model(m.path, tokenizer=tokenizer is None, mesh=mesh, **runtime)
         if tokenizer is not None:
             model.tokenizer = tokenizer
     elif m.random_init:
         init = dict(m.random_init)
         if tokenizer is not None and "vocab_size" not in init:
             init["vocab_size"] = len(tokenizer)
-        model = hf.from_hf_config(init, rng=cfg.seed, tokenizer=tokenizer, **runtime)
+        model = hf.from_hf_config(init, rng=cfg.seed, tokenizer=tokenizer, mesh=mesh, **runtime)
     else:
         raise ValueError("model: give `model.path` (a local Hugging Face directory) or `model.random_init`")
     if model.tokenizer is None:

@@ -17,13 +17,26 @@ class TrainState:
     rng: jax.Array  # raw uint32 key (checkpointable as a plain array)
 
 
-def create(trainable: dict, optimizer, seed: int) -> TrainState:
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        trainable=trainable,
-        opt_state=optimizer.init(trainable),
-        rng=jax.random.PRNGKey(seed),
+def create(trainable: dict, optimizer, seed: int, shardings: TrainState | None = None) -> TrainState:
+    """Step 0. With `shardings` (a TrainState of `NamedSharding`s, `train.sharding.run_shardings`), `trainable`
+    is placed in its shards and the optimiser state is created directly in its own (never whole on one device).
+    """
+    if shardings is None:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            trainable=trainable,
+            opt_state=optimizer.init(trainable),
+            rng=jax.random.PRNGKey(seed),
+        )
+    from jaxtune.train.sharding import place
+
+    trainable = place(trainable, shardings.trainable)
+    init = jax.jit(optimizer.init, in_shardings=(shardings.trainable,), out_shardings=shardings.opt_state)
+    scalars = jax.jit(
+        lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed)), out_shardings=(shardings.step, shardings.rng)
     )
+    step, rng = scalars()
+    return TrainState(step=step, trainable=trainable, opt_state=init(trainable), rng=rng)
 
 
 def merge_variables(frozen: dict, trainable: dict) -> dict:

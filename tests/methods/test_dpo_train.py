@@ -62,7 +62,7 @@ def test_dpo_demo_runs_on_dpo_en_demo_with_a_chat_template(tmp_path):
 
 
 def test_accumulation_equals_one_big_batch(preference_files):
-    """One step on 8 pairs, and on the same 8 pairs as 2 micro-batches of 4: same loss, metrics and update."""
+    """Two steps on 4 pairs, and on the same 4 pairs as 2 micro-batches of 2: same loss, metrics and update."""
     tok = char_tokenizer()
     model = from_hf_config(
         {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
@@ -70,12 +70,12 @@ def test_accumulation_equals_one_big_batch(preference_files):
     )  # fmt: skip
     cfg = load_config({"stage": "dpo", "data": {"train": [str(preference_files[1])], "cutoff_len": 48,
                                                 "bucket_multiple": 8}})  # fmt: skip
-    batch = next(iter(build(cfg.data, tok, 8, "dpo").train))
+    batch = next(iter(build(cfg.data, tok, 4, "dpo").train))
     plan = peft.prepare(model, {"method": "lora", "rank": 4, "target_modules": ["q_proj", "v_proj"]}, 0)
     out = []
-    for micro in (None, 4):
+    for micro in (None, 2):
         c = load_config(
-            {"stage": "dpo", "training": {"batch_size": 8, "micro_batch_size": micro, "max_grad_norm": 0}}
+            {"stage": "dpo", "training": {"batch_size": 4, "micro_batch_size": micro, "max_grad_norm": 0}}
         )
         opt, lr = optim.build(c.training, plan.trainable, 10, plan.lr_multipliers)
         step = make_train_step(dpo, LM(plan.arch), c, opt, lr, accum=c.training.accumulation_steps)

@@ -72,7 +72,7 @@ def test_lora_reward_model_from_a_sequence_classifier_trains_its_head_and_merges
     head0 = np.asarray(jaxtune.load_model(tmp_path / "base").params["score"]["kernel"])
     cfg = tiny_run(tmp_path, "rm", [preference_files[1]], model={"path": str(tmp_path / "base"), "random_init": None},
                    method={"name": "lora", "rank": 4, "target_modules": "all-linear"},
-                   training={"max_steps": 2, "batch_size": 8, "learning_rate": 1e-2, "export_hf": True})  # fmt: skip
+                   training={"max_steps": 1, "batch_size": 4, "learning_rate": 1e-2, "export_hf": True})  # fmt: skip
     summary = run(load_config(cfg))
     export = Path(summary["export"])
     merged = jaxtune.load_model(export)

@@ -332,6 +332,7 @@ class PPOConfig:
     vf_coef: float = 0.1
     reward_model: str | None = None  # directory of a trained reward model
     reward_fn: str | None = None  # "module:function" or a builtin reward name
+    value_model: Literal["lora", "shared"] = "lora"  # own LoRA on the frozen base, or a head on the policy
 
     def __post_init__(self):
         positive(self, "rollout_batch_size", "ppo_epochs", "mini_batch_size", "clip_range", "target_kl")
@@ -351,7 +352,8 @@ class GRPOConfig:
     """Group-relative policy optimisation: several completions per prompt, rewards normalised per group."""
 
     num_generations: int = 4  # completions per prompt (the group)
-    num_iterations: int = 1  # policy updates per generated batch
+    num_iterations: int = 1  # passes over each generated batch (mu in DeepSeekMath Alg. 1)
+    mini_batch_size: int | None = None  # completions per optimiser update; None: the whole generated batch
     beta: float = 0.04  # KL coefficient; 0 drops the reference model
     clip_range: float = 0.2
     scale_rewards: bool = True  # divide by the group's reward std (False: Dr. GRPO)
@@ -360,7 +362,7 @@ class GRPOConfig:
     def __post_init__(self):
         n = self.num_generations
         check(n >= 2, "num_generations", "must be >= 2 (advantages are relative to the group)", n)
-        positive(self, "num_iterations", "clip_range")
+        positive(self, "num_iterations", "clip_range", "mini_batch_size")
         non_negative(self, "beta")
 
 

@@ -174,7 +174,9 @@ def run_generate(args, loaded: Loaded, out=None) -> list[str]:
                 row["answer"] = answer
             print(json.dumps(row, ensure_ascii=False), file=out)
         else:
-            print(("\n---\n" if i else "") + text, file=out)
+            if i:
+                print("---", file=out)  # between completions, which may span lines
+            print(text, file=out)
     return texts
 
 

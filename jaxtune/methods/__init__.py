@@ -5,6 +5,6 @@ Optional: `prepare(cfg, lm, plan, tokenizer, train_it, eval_it) -> (trainable, f
 eval_it)` runs once before the step is built (rm adds its score head, dpo/kto their reference), and
 `export(model, plan, trainable, run_dir)` replaces the default export (rm writes a sequence classifier)."""
 
-from jaxtune.methods import dpo, kto, rm, sft
+from jaxtune.methods import dpo, grpo, kto, ppo, rm, sft
 
-METHODS = {"pt": sft, "sft": sft, "rm": rm, "dpo": dpo, "kto": kto}
+METHODS = {"pt": sft, "sft": sft, "rm": rm, "dpo": dpo, "kto": kto, "ppo": ppo, "grpo": grpo}

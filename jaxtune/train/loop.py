@@ -21,11 +21,13 @@ from jaxtune import peft
 from jaxtune.data import pipeline
 from jaxtune.methods import METHODS
 from jaxtune.methods.forward import LM
+from jaxtune.parallel import describe_mesh, init_distributed, mesh_from_config, process_batch_slice
 from jaxtune.train import optim, setup
 from jaxtune.train import state as state_lib
 from jaxtune.train.checkpoint import Checkpointer
 from jaxtune.train.evaluate import eval_loss, generation_eval
 from jaxtune.train.metrics import MetricsWriter
+from jaxtune.train.sharding import check_batch_size, global_batch, place, run_shardings, to_host
 from jaxtune.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("jaxtune.train")
@@ -66,6 +68,11 @@ def total_steps(cfg, train_it) -> int:
 
 def run(cfg) -> dict:
     """Train as `cfg` (a RunConfig) says. Returns a summary (final metrics, stop reason, paths)."""
+    if getattr(METHODS[cfg.stage], "rl", False):  # ppo / grpo: rollouts, then updates (train/rl_loop.py)
+        from jaxtune.train import rl_loop
+
+        return rl_loop.run(cfg)
+    init_distributed(cfg.parallel)  # multi-host: before anything touches a device
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     main = jax.process_index() == 0
@@ -76,7 +83,15 @@ def run(cfg) -> dict:
     t = cfg.training
     method = METHODS[cfg.stage]
 
-    model = setup.build_model(cfg)
+    mesh = mesh_from_config(cfg.parallel)
+    log.info("%s", describe_mesh(mesh))
+    for field, size in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size or t.batch_size)):
+        check_batch_size(size, mesh, f"training.{field}")
+    if jax.process_count() > 1:
+        start, stop = process_batch_slice(t.batch_size, mesh)
+        log.info("process %d of %d feeds rows [%d, %d) of each global batch of %d", jax.process_index(),
+                 jax.process_count(), start, stop, t.batch_size)  # fmt: skip
+    model = setup.build_model(cfg, mesh=mesh)  # base weights created / loaded straight into their shards
     tokenizer = model.tokenizer
     its = pipeline.build(cfg.data, tokenizer, t.batch_size, cfg.stage, seed=cfg.seed,
                          eval_batch_size=t.eval_batch_size or t.batch_size)
@@ -94,12 +109,15 @@ def run(cfg) -> dict:
     if hasattr(method, "prepare"):  # rm: adds the score head; dpo/kto: reference copy or precomputed log-probs
         trainable, frozen, multipliers, train_it, eval_it = method.prepare(cfg, lm, plan, tokenizer, train_it, eval_it)
     optimizer, lr = optim.build(t, trainable, steps, multipliers)
-    state = state_lib.create(trainable, optimizer, cfg.seed)
+    shardings = run_shardings(mesh, arch, trainable, frozen, optimizer)
+    state = state_lib.create(trainable, optimizer, cfg.seed, shardings=shardings.state)
+    frozen = place(frozen, shardings.frozen)  # adapters / quantised kernels built after loading: small moves
     log.info("model %s: %s", model.arch.model_type, plan.describe())
     log.info("optimizer state: %.2f MB; %d steps of %d sequences", optim.state_bytes(state.opt_state) / 2**20, steps, t.batch_size)
 
-    train_step = make_train_step(method, lm, cfg, optimizer, lr, accum=t.accumulation_steps)
-    eval_step = make_eval_step(method, lm, cfg)
+    train_step = make_train_step(method, lm, cfg, optimizer, lr, accum=t.accumulation_steps, shardings=shardings)
+    sharded_eval = make_eval_step(method, lm, cfg, shardings=shardings)
+    eval_step = lambda trainable, frozen, batch: sharded_eval(trainable, frozen, global_batch(batch, mesh))
     ckpt = Checkpointer(run_dir / "checkpoints", t, is_async=t.async_checkpointing)
     meta = {"best": None, "best_step": None, "bad_evals": 0, "history": []}
     latest = ckpt.latest_step() if t.resume != "never" else None
@@ -113,7 +131,7 @@ def run(cfg) -> dict:
     eval_records = _eval_records(cfg) if t.eval_generate else []
     summary = {"run_dir": str(run_dir), "steps": steps}
     if t.eval_generate and latest is None:
-        acc, rows = generation_eval(model.arch, state_lib.merge_variables(frozen, plan.trainable), tokenizer, eval_records,
+        acc, rows = generation_eval(model.arch, state_lib.merge_variables(to_host(frozen), to_host(state.trainable)), tokenizer, eval_records,
                                     cfg.data.template, n=t.eval_generate, max_new_tokens=cfg.generation.max_new_tokens)  # fmt: skip
         summary["generate_accuracy_before"] = acc
         log.info("exact match before training: %.1f%%", 100 * acc)
@@ -126,7 +144,7 @@ def run(cfg) -> dict:
     t0 = time.perf_counter()
     with _Signals() as signals:
         for step in range(start + 1, steps + 1):
-            batch = next(batches)
+            batch = global_batch(next(batches), mesh)  # this process's rows of the global batch
             state, metrics = train_step(state, frozen, batch)
             if step == start + 1:
                 log.info("first step (incl. compilation) took %.1f s", time.perf_counter() - t0)
@@ -167,6 +185,10 @@ def run(cfg) -> dict:
         print(f"jaxtune: interrupted by {signals.received}; checkpoint saved at step {int(state.step)}. "
               f"Rerun the same command to resume.")  # fmt: skip
         return summary
+    if jax.process_count() > 1 and (t.eval_generate or t.export_hf):
+        # generation and export read whole arrays: gather them (every process joins; process 0 writes)
+        plan.frozen, frozen = to_host(plan.frozen), to_host(frozen)
+        state = state.replace(trainable=to_host(state.trainable))
     variables = state_lib.merge_variables(frozen, state.trainable)
     if t.eval_generate:
         acc, rows = generation_eval(arch, variables, tokenizer, eval_records, cfg.data.template,

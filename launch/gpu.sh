@@ -43,36 +43,8 @@ Examples:
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  exit 2
-}
-
-need_value() {
-  [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"
-}
-
-# Print an argument so that a shell reads it back unchanged (readable: quotes only when needed).
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./~-]+$ ]]; then
-    printf '%s' "$1"
-  elif [[ $1 =~ ^(--[A-Za-z0-9-]+=)(.*)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"
-    quote "${BASH_REMATCH[2]}"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-show() {
-  local out="" arg
-  for arg in "$@"; do out+="$(quote "$arg") "; done
-  printf '%s\n' "${out% }"
-}
-
-run() {
-  if ((DRY_RUN)); then show "$@"; else "$@"; fi
-}
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 CONFIG="" GPUS="" NODES=1 GPUS_PER_NODE=8 PARTITION="" ACCOUNT="" TIME="" JOB_NAME=jaxtune PORT="" SBATCH=""
 PY=${PYTHON:-python3}

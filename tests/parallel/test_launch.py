@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TPU = REPO / "launch" / "tpu.sh"
 GPU = REPO / "launch" / "gpu.sh"
+COMMON = REPO / "launch" / "common.sh"  # the helpers both source
 BASH = shutil.which("bash") or "/bin/bash"
 
 
@@ -216,7 +217,7 @@ def test_gpu_multi_node_without_srun(config, bare_path):
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
-@pytest.mark.parametrize("script", [TPU, GPU])
+@pytest.mark.parametrize("script", [TPU, GPU, COMMON])
 def test_shellcheck(script):
     proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout
@@ -248,7 +249,7 @@ def checkout(tmp_path):
     """A committed copy of the launch scripts: tpu.sh ships `git archive` of its own checkout."""
     repo = tmp_path / "repo"
     (repo / "launch").mkdir(parents=True)
-    for script in (TPU, GPU):
+    for script in (TPU, GPU, COMMON):
         shutil.copy(script, repo / "launch" / script.name)
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run([*git, "init", "-q"], check=True)

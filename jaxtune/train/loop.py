@@ -73,13 +73,7 @@ def run(cfg) -> dict:
 
         return rl_loop.run(cfg)
     init_distributed(cfg.parallel)  # multi-host: before anything touches a device
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    main = jax.process_index() == 0
-    setup.setup_logging(run_dir)
-    cfg = setup.resolve_builtins(cfg, run_dir)
-    if main:
-        setup.record_run(cfg, run_dir)
+    cfg, run_dir, main = setup.start_run(cfg)
     t = cfg.training
     method = METHODS[cfg.stage]
 

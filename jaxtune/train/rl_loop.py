@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -78,13 +77,7 @@ def eval_reward(ctx, variables, eval_it, n: int) -> float | None:
 
 def run(cfg) -> dict:
     """Train stage ppo / grpo as `cfg` says. Returns a summary (eval reward before / after, last metrics)."""
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    main = jax.process_index() == 0
-    setup.setup_logging(run_dir)
-    cfg = setup.resolve_builtins(cfg, run_dir)
-    if main:
-        setup.record_run(cfg, run_dir)
+    cfg, run_dir, main = setup.start_run(cfg)
     t = cfg.training
     method = METHODS[cfg.stage]
     sched = method.schedule(cfg)

@@ -70,6 +70,21 @@ def resolve_builtins(cfg, run_dir: Path):
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=tuple(train), eval=evals))
 
 
+def start_run(cfg):
+    """The run directory, logging to it, builtin data resolved, and (process 0) the run record:
+    -> (cfg with builtins resolved, run_dir, is_main_process)."""
+    import jax
+
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    main = jax.process_index() == 0
+    setup_logging(run_dir)
+    cfg = resolve_builtins(cfg, run_dir)
+    if main:
+        record_run(cfg, run_dir)
+    return cfg, run_dir, main
+
+
 def load_tokenizer(cfg):
     name = cfg.model.tokenizer
     if name == "builtin:chars":

@@ -78,10 +78,9 @@ def test_mesh_from_config_object(eight_devices):
 
 
 def test_mesh_from_the_real_parallel_config(eight_devices):
-    config = pytest.importorskip("jaxtune.config")
-    if not hasattr(config, "ParallelConfig"):
-        pytest.skip("jaxtune.config has no ParallelConfig yet")
-    assert tuple(mesh_from_config(config.ParallelConfig(fsdp=2, tensor=2)).shape.values()) == (2, 2, 2)
+    from jaxtune.config import ParallelConfig
+
+    assert tuple(mesh_from_config(ParallelConfig(fsdp=2, tensor=2)).shape.values()) == (2, 2, 2)
 
 
 @pytest.mark.parametrize(

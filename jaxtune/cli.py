@@ -2,9 +2,10 @@
 
 Each command names its implementation as a ``"module:function"`` string (`TARGETS`) imported only when the
 command runs, so ``jaxtune --help`` answers at once and never imports JAX. Errors meant for users (a
-`ConfigError`, the `USER_ERRORS` of other modules, a command whose module cannot be imported) print one
+`ConfigError`, the `USER_ERRORS` of other modules, a ValueError / FileNotFoundError / FloatingPointError that
+jaxtune's own code raised with a message, a command whose module cannot be imported) print one
 ``jaxtune: error: ...`` paragraph and exit with status 2, without a traceback; anything else is a bug and
-keeps its traceback.
+keeps its traceback. `JAXTUNE_TRACEBACK=1` shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from jaxtune.config import ConfigError, GenerationConfig, dump_yaml, load_config
@@ -177,8 +180,25 @@ def _target(command: str) -> Callable[..., Any]:
     return fn
 
 
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
+# Raised by jaxtune's own code (not from inside jax, numpy, ...), these carry a message written for the user:
+# a mesh that needs more devices, a batch that does not split, a missing checkpoint, a NaN loss.
+OWN_MESSAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
+
+
+def _raised_by_jaxtune(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(PACKAGE_DIR)
+
+
 def _is_user_error(e: Exception) -> bool:
+    if os.environ.get("JAXTUNE_TRACEBACK"):  # JAXTUNE_TRACEBACK=1: every error with its traceback
+        return False
     if isinstance(e, (ConfigError, _Unavailable)):
+        return True
+    if isinstance(e, OWN_MESSAGE_ERRORS) and _raised_by_jaxtune(e):
         return True
     for spec in USER_ERRORS:
         module, _, name = spec.partition(":")

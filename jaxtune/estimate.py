@@ -92,7 +92,10 @@ def estimate(cfg, compile: bool = True) -> dict:
 
     m, t = cfg.model, cfg.training
     hf = _hf_config(cfg)
-    arch = arch_from_hf(hf, dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl,
+    # Shapes do not depend on the attention kernel: trace with XLA's where cuDNN is absent (estimating a GPU
+    # config on a laptop); the activation estimate below still counts the configured kernel.
+    impl = m.attention_impl if jax.default_backend() == "gpu" else "xla"
+    arch = arch_from_hf(hf, dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=impl,
                         remat=m.remat, scan_layers=m.scan_layers)  # fmt: skip
 
     captured = {}

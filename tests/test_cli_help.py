@@ -194,3 +194,15 @@ def test_user_errors_of_other_modules_print_without_traceback(monkeypatch, tmp_p
     monkeypatch.setattr(cli, "USER_ERRORS", ())
     with pytest.raises(ValueError):  # not a declared user error: a bug, so the traceback stays
         cli.main(["plot", str(tmp_path)])
+
+
+def test_jaxtune_own_value_errors_are_one_line_and_traceback_on_request(tmp_path, monkeypatch, capsys):
+    """A mesh bigger than the machine is raised by jaxtune's mesh code with a message for the user: one line,
+    status 2. JAXTUNE_TRACEBACK=1 gives the traceback instead."""
+    args = ["train", "configs/demo.yaml", "parallel.fsdp=64", f"output_dir={tmp_path}"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxtune: error: Cannot infer parallel.data=-1: the other sizes multiply to 64") and err.count("\n") == 1
+    monkeypatch.setenv("JAXTUNE_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="multiply to 64"):
+        cli.main(args)

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 import jaxtune
 from jaxtune import peft
@@ -61,3 +62,22 @@ def test_cli_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "method full" in out and "optimizer (adamw)" in out and "XLA compiled step" in out
     assert np.isfinite(float(out.split("total / device")[1].split("GB")[0]))
+
+
+def test_a_gpu_config_estimates_on_cpu_and_counts_flash_attention():
+    """cuDNN attention only exists on NVIDIA GPUs; estimating a GPU config elsewhere traces with XLA's kernel
+    (same shapes) and still counts the configured kernel's activations (no s² score matrix)."""
+    flash = estimate(config(["model.attention_impl=cudnn", "model.remat=none"]), compile=False)
+    plain = estimate(config(["model.attention_impl=xla", "model.remat=none"]), compile=False)
+    assert flash["trainable_params"] == plain["trainable_params"]
+    assert flash["activation_bytes_per_device"] < plain["activation_bytes_per_device"]
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU cudnn is a valid choice")
+def test_training_with_cudnn_attention_off_gpu_is_a_one_line_error(tmp_path, capsys):
+    args = ["train", "configs/demo.yaml", "model.attention_impl=cudnn", f"output_dir={tmp_path}"]
+    assert cli_main(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "jaxtune: error: model.attention_impl=cudnn needs an NVIDIA GPU with cuDNN, but JAX's backend here is "
+        "'cpu': set model.attention_impl=xla on this machine."
+    )

@@ -98,12 +98,24 @@ def load_tokenizer(cfg):
     return None
 
 
+def check_attention_impl(impl: str) -> None:
+    """cuDNN flash attention exists only on NVIDIA GPUs: say so before anything is traced."""
+    import jax
+
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"model.attention_impl=cudnn needs an NVIDIA GPU with cuDNN, but JAX's backend here is "
+            f"{jax.default_backend()!r}: set model.attention_impl=xla on this machine."
+        )
+
+
 def build_model(cfg, mesh=None):
     """The base model from `model.path` (HF directory) or `model.random_init` (HF config keys); with `mesh`,
     every parameter is loaded / created straight into its shards."""
     from jaxtune.models import hf
 
     m = cfg.model
+    check_attention_impl(m.attention_impl)
     runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl, remat=m.remat,
                    scan_layers=m.scan_layers)  # fmt: skip
     tokenizer = load_tokenizer(cfg)

@@ -85,6 +85,16 @@ def resolve(source, dataset_dir=None, format: str | None = None) -> Source:
     path = Path(given)
     if not path.exists() and dataset_dir and (Path(dataset_dir) / path).exists():
         path = Path(dataset_dir) / path
+    if not path.exists() and dataset_dir:  # meant as a registry name or a file there: say what was looked at
+        info = Path(dataset_dir) / registry.REGISTRY_FILE
+        names = list(registry.read_registry(dataset_dir))
+        where = (
+            f"not a dataset named in {info}{did_you_mean(name, names)}"
+            if names
+            else f"data.dataset_dir has no {registry.REGISTRY_FILE} to look it up in ({info} does not exist)"
+        )
+        raise DataError(f"not a file ({path.resolve()}), and {where}", file=str(given),
+                        reason="missing file")  # fmt: skip
     spec = FormatSpec(
         fmt, bool(source.get("ranking", False)), source.get("columns") or {}, source.get("tags") or {}
     )

@@ -138,6 +138,13 @@ def test_registry_errors(tmp_path):
         data.load("typo", dataset_dir=tmp_path)
     with pytest.raises(DataError, match="no such file"):
         data.load(str(tmp_path / "absent.json"))
+    # neither a file nor a registry name: both places looked at are named, with the closest name
+    with pytest.raises(DataError, match=r"not a file .*absent_name\), and not a dataset named in .*dataset_info.json"):
+        data.load("absent_name", dataset_dir=tmp_path)
+    with pytest.raises(DataError, match="not a dataset named in .*; did you mean 'hub_only'"):
+        data.load("hub_onyl", dataset_dir=tmp_path)
+    with pytest.raises(DataError, match=r"data.dataset_dir has no dataset_info.json to look it up in"):
+        data.load("dpo_en_demo", dataset_dir=tmp_path / "no_such_dir")
 
 
 def test_no_response_to_train_on(chatml_tok):

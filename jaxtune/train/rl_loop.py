@@ -12,6 +12,12 @@ learning-rate schedule runs over the optimiser updates, `epochs x rows / mini_ba
 randomness is `fold_in(seed, iteration)` and mini-batch order `(seed, iteration, epoch)`, so a resumed run
 repeats an uninterrupted one. The reference policy is the base with adapters off under PEFT, and a frozen copy
 of the trained leaves under full fine-tuning / BitFit / freeze-tuning (methods/reference.py).
+
+Devices: one process, on the mesh `parallel` describes (as the SFT loop): the base is loaded into its shards,
+train state and frozen weights are placed by `run_shardings`, and each mini-batch is split `batch -> (data,
+fsdp)` into the sharded `train_step`. Rollouts (sampling, rewards, old / reference log-probs) are plain `jax.jit`
+over the same sharded variables, so XLA propagates their layout; their results come back whole to the host
+(one process: every shard is addressable). Several processes (multi-host) are refused up front for now.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ from jaxtune.methods import METHODS
 from jaxtune.methods import rollout as ro
 from jaxtune.methods.forward import LM
 from jaxtune.methods.reference import add_frozen_copy
+from jaxtune.parallel import describe_mesh, init_distributed, mesh_from_config
 from jaxtune.train import optim, setup
 from jaxtune.train import state as state_lib
 from jaxtune.train.checkpoint import Checkpointer
 from jaxtune.train.loop import _export, _Signals, total_steps
 from jaxtune.train.metrics import MetricsWriter
+from jaxtune.train.sharding import check_batch_size, global_batch, place, run_shardings
 from jaxtune.train.step import make_train_step
 
 log = logging.getLogger("jaxtune.train")
@@ -48,6 +56,27 @@ def accumulation(cfg, mini_batch: int) -> int:
             f"(stage {cfg.stage}: see ppo.mini_batch_size / grpo.mini_batch_size)"
         )
     return mini_batch // micro
+
+
+def mini_batch_field(cfg) -> str:
+    """The config field that sets the RL mini-batch (what to change when it does not split over the mesh)."""
+    if cfg.stage == "grpo":
+        if cfg.grpo.mini_batch_size:
+            return "grpo.mini_batch_size"
+        return "grpo.mini_batch_size (default: training.batch_size x grpo.num_generations)"
+    if cfg.ppo.mini_batch_size:
+        return "ppo.mini_batch_size"
+    default = "ppo.rollout_batch_size" if cfg.ppo.rollout_batch_size else "training.batch_size"
+    return f"ppo.mini_batch_size (default: {default})"
+
+
+def check_single_process(cfg) -> None:
+    if jax.process_count() > 1:
+        raise ValueError(
+            f"stage {cfg.stage} (RL) does not support multi-process runs yet ({jax.process_count()} processes): "
+            "launch it as one process on one host (it uses all of that host's devices through parallel.data / "
+            "parallel.fsdp / parallel.tensor); multi-process training is available for the non-RL stages"
+        )
 
 
 def rows(tree, idx):
@@ -77,12 +106,20 @@ def eval_reward(ctx, variables, eval_it, n: int) -> float | None:
 
 def run(cfg) -> dict:
     """Train stage ppo / grpo as `cfg` says. Returns a summary (eval reward before / after, last metrics)."""
+    init_distributed(cfg.parallel)  # before anything touches a device
+    check_single_process(cfg)
     cfg, run_dir, main = setup.start_run(cfg)
     t = cfg.training
     method = METHODS[cfg.stage]
     sched = method.schedule(cfg)
+    accum = accumulation(cfg, sched["mini_batch"])
 
-    model = setup.build_model(cfg)
+    mesh = mesh_from_config(cfg.parallel)
+    log.info("%s", describe_mesh(mesh))
+    check_batch_size(sched["mini_batch"], mesh, mini_batch_field(cfg))
+    if accum > 1:
+        check_batch_size(t.micro_batch_size, mesh, "training.micro_batch_size")
+    model = setup.build_model(cfg, mesh=mesh)  # base weights created / loaded straight into their shards
     its = pipeline.build(cfg.data, model.tokenizer, sched["prompts"], cfg.stage, seed=cfg.seed,
                          eval_batch_size=t.eval_batch_size or sched["prompts"])  # fmt: skip
     train_it, eval_it = its.train, its.eval
@@ -98,12 +135,15 @@ def run(cfg) -> dict:
     ctx, trainable, frozen, multipliers = method.setup(cfg, lm, model, trainable, frozen, multipliers)
     updates = sched["epochs"] * (sched["rows"] // sched["mini_batch"])
     optimizer, lr = optim.build(t, trainable, steps * updates, multipliers)
-    state = state_lib.create(trainable, optimizer, cfg.seed)
+    shardings = run_shardings(mesh, lm.arch, trainable, frozen, optimizer)
+    state = state_lib.create(trainable, optimizer, cfg.seed, shardings=shardings.state)
+    frozen = place(frozen, shardings.frozen)  # the base is there already; e.g. the reference copy moves
     log.info("model %s: %s", model.arch.model_type, plan.describe())
     log.info("%d rollout iterations of %d prompts -> %d sequences, %d updates each of %d sequences",
              steps, sched["prompts"], sched["rows"], updates, sched["mini_batch"])  # fmt: skip
-    accum = accumulation(cfg, sched["mini_batch"])
-    train_step = make_train_step(method, ctx.train_lm or lm, cfg, optimizer, lr, accum=accum)
+    train_step = make_train_step(
+        method, ctx.train_lm or lm, cfg, optimizer, lr, accum=accum, shardings=shardings
+    )
 
     ckpt = Checkpointer(run_dir / "checkpoints", t, is_async=t.async_checkpointing)
     meta = {"history": [], **getattr(method, "initial_meta", lambda cfg: {})(cfg)}
@@ -136,7 +176,7 @@ def run(cfg) -> dict:
                 order = np.random.default_rng([cfg.seed, it, epoch]).permutation(sched["rows"])
                 for lo in range(0, sched["rows"], sched["mini_batch"]):
                     idx = order[lo : lo + sched["mini_batch"]]
-                    state, out = train_step(state, frozen, rows(batch, idx))
+                    state, out = train_step(state, frozen, global_batch(rows(batch, idx), mesh))
                     updates_metrics.append(jax.device_get(out))
             if it == start + 1:
                 log.info("first iteration (incl. compilation) took %.1f s", time.perf_counter() - t0)

@@ -183,7 +183,7 @@ def _target(command: str) -> Callable[..., Any]:
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 # Raised by jaxtune's own code (not from inside jax, numpy, ...), these carry a message written for the user:
 # a mesh that needs more devices, a batch that does not split, a missing checkpoint, a NaN loss.
-OWN_MESSAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
+OWN_MESSAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError)
 
 
 def _raised_by_jaxtune(e: BaseException) -> bool:

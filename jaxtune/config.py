@@ -191,7 +191,7 @@ class TrainingConfig:
     neftune_alpha: float | None = None  # NEFTune embedding noise; None: off
     nan_policy: Literal["stop", "skip"] = "stop"  # non-finite loss: save and stop, or skip the step
     loss_chunk_size: int | None = None  # vocab chunk for log-probs; None: auto
-    resume: Literal["auto", "never", "must"] = "auto"  # from the latest checkpoint in output_dir
+    resume: Literal["auto", "never", "must"] = "auto"  # latest checkpoint in output_dir; never: refuse one
     async_checkpointing: bool = True
     export_hf: bool = True  # write a Hugging Face directory (or PEFT adapter) at the end
     no_decay_patterns: tuple[str, ...] = (r"bias$", "norm")  # regexes over parameter paths

@@ -44,6 +44,24 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def resume(self, policy: str, state, data_it, meta: dict):
+        """`training.resume`: "auto" restores the latest checkpoint when there is one, "must" requires one,
+        "never" starts fresh, and refuses a directory that already holds checkpoints (never overwritten or deleted
+        silently). Restores the data iterator's position too. -> (state, meta, restored step or None)."""
+        latest = self.latest_step()
+        if policy == "never" and latest is not None:
+            raise FileExistsError(
+                f"training.resume=never but {self.dir} already holds checkpoints (latest: step {latest}): set a new "
+                "output_dir, or remove that directory to start over"
+            )
+        if policy == "must" and latest is None:
+            raise FileNotFoundError(f"training.resume=must but {self.dir} holds no checkpoint")
+        if latest is None:
+            return state, meta, None
+        state, data_state, meta = self.restore(latest, state)
+        data_it.set_state(data_state)
+        return state, meta, latest
+
     def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None) -> None:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),

@@ -114,12 +114,8 @@ def run(cfg) -> dict:
     eval_step = lambda trainable, frozen, batch: sharded_eval(trainable, frozen, global_batch(batch, mesh))
     ckpt = Checkpointer(run_dir / "checkpoints", t, is_async=t.async_checkpointing)
     meta = {"best": None, "best_step": None, "bad_evals": 0, "history": []}
-    latest = ckpt.latest_step() if t.resume != "never" else None
-    if t.resume == "must" and latest is None:
-        raise FileNotFoundError(f"training.resume=must but {ckpt.dir} holds no checkpoint")
+    state, meta, latest = ckpt.resume(t.resume, state, train_it, meta)
     if latest is not None:
-        state, data_state, meta = ckpt.restore(latest, state)
-        train_it.set_state(data_state)
         log.info("resumed from %s/%d (step %d)", ckpt.dir, latest, int(state.step))
 
     eval_records = _eval_records(cfg) if t.eval_generate else []

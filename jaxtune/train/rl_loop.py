@@ -147,12 +147,8 @@ def run(cfg) -> dict:
 
     ckpt = Checkpointer(run_dir / "checkpoints", t, is_async=t.async_checkpointing)
     meta = {"history": [], **getattr(method, "initial_meta", lambda cfg: {})(cfg)}
-    latest = ckpt.latest_step() if t.resume != "never" else None
-    if t.resume == "must" and latest is None:
-        raise FileNotFoundError(f"training.resume=must but {ckpt.dir} holds no checkpoint")
+    state, meta, latest = ckpt.resume(t.resume, state, train_it, meta)
     if latest is not None:
-        state, data_state, meta = ckpt.restore(latest, state)
-        train_it.set_state(data_state)
         log.info("resumed from %s/%d (iteration %d)", ckpt.dir, latest, latest)
     start = latest or 0
     summary = {"run_dir": str(run_dir), "steps": steps}

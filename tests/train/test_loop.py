@@ -143,3 +143,14 @@ def test_demo_learns_the_task(tmp_path):
     assert summary["generate_accuracy_before"] < 0.10
     assert summary["generate_accuracy_after"] > 0.80
     assert Path(summary["export"], "config.json").exists()
+
+
+def test_resume_policies(tmp_path):
+    """must: an error naming the directory when there is no checkpoint; never: refuses a directory that holds
+    checkpoints rather than overwriting them, and trains from scratch in an empty one."""
+    with pytest.raises(FileNotFoundError, match=r"training.resume=must but .*run/checkpoints holds no checkpoint"):
+        run(load_config(tiny(tmp_path, max_steps=2, resume="must")))
+    assert run(load_config(tiny(tmp_path, max_steps=2, resume="never")))["stop_reason"] == "completed"
+    with pytest.raises(FileExistsError, match=r"resume=never but .*run/checkpoints already holds checkpoints \(latest: step 2\)"):
+        run(load_config(tiny(tmp_path, max_steps=4, resume="never")))
+    assert run(load_config(tiny(tmp_path, max_steps=2, resume="must")))["stop_reason"] == "completed"

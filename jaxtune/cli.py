@@ -46,7 +46,7 @@ CONFIG_COMMANDS = ("train", "data inspect", "estimate")  # take CONFIG [override
 EPILOG = """\
 examples:
   jaxtune train configs/demo.yaml
-  jaxtune train configs/sft/llama_lora.yaml training.learning_rate=1e-4 data.train=[a.json,b.json]
+  jaxtune train configs/sft/llama3_lora.yaml training.learning_rate=1e-4 data.train=[a.json,b.json]
   jaxtune train configs/demo.yaml --print-config     # check a config without running it
   jaxtune export --checkpoint runs/demo --out exported --merge
   jaxtune chat --model exported

@@ -404,6 +404,12 @@ class RunConfig:
         )
         detail = "is kto, which trains on unpaired labelled completions: set stage: kto"
         check(self.stage != "dpo" or self.dpo.loss_type != "kto", "dpo.loss_type", detail)
+        detail = (
+            "is a URL; jaxtune writes checkpoints, metrics and exports through the file system: mount the bucket "
+            "on every host (e.g. Cloud Storage FUSE: `gcsfuse --implicit-dirs BUCKET /mnt/gcs`) and give that "
+            "path, e.g. output_dir=/mnt/gcs/run1"
+        )
+        check("://" not in self.output_dir, "output_dir", detail, self.output_dir)
 
     @property
     def parallelism(self) -> ParallelConfig:

@@ -37,7 +37,7 @@ Options:
 Everything after '--' is passed to 'jaxtune train' (dotted overrides, e.g. training.max_steps=100).
 
 Examples:
-  $PROG --config configs/sft/llama_lora.yaml --gpus 0,1,2,3
+  $PROG --config configs/sft/llama3_lora.yaml --gpus 0,1,2,3
   $PROG --config my.yaml --nodes 4 --gpus-per-node 8 --partition gpu --dry-run
   $PROG --config my.yaml --nodes 2 --sbatch run.sbatch --time 12:00:00 -- training.max_steps=1000
 EOF

@@ -6,7 +6,8 @@
 # workers (each is one jax process; jaxtune's init_distributed finds the others through the TPU metadata),
 # and streams worker 0's log (only process 0 logs). With --restarts N, a run that dies because the TPU was
 # preempted is retried on a recreated TPU; jaxtune resumes from its last checkpoint by itself
-# (training.resume=auto), so the output dir must be on shared storage (gs://...) to survive the VM.
+# (training.resume=auto), so output_dir must be on storage that outlives the VM and that every worker sees:
+# a Cloud Storage bucket mounted on each worker (gcsfuse), or a shared filesystem (Filestore / NFS).
 set -euo pipefail
 
 PROG=$(basename "$0")
@@ -37,9 +38,9 @@ Options:
 Everything after '--' is passed to 'jaxtune train' (dotted overrides, e.g. training.max_steps=100).
 
 Examples:
-  $PROG --config configs/sft/llama_lora.yaml --zone us-central2-b --accelerator-type v4-32 --dry-run
+  $PROG --config configs/sft/llama3_lora.yaml --zone us-central2-b --accelerator-type v4-32 --dry-run
   $PROG --config my.yaml --zone us-east5-a --accelerator-type v5p-128 --queued --spot --restarts 5 \\
-      -- training.output_dir=gs://my-bucket/run1
+      -- output_dir=/mnt/gcs/run1      # a bucket mounted on every worker (gcsfuse): survives preemption
 
 Stop a run: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command='pkill -f "jaxtune train"'
 Delete the TPU: gcloud compute tpus tpu-vm delete NAME --zone ZONE   (queued: queued-resources delete --force)

@@ -1,6 +1,7 @@
 """The `jaxtune` command line: help for every command, dispatch, and user-facing errors (no JAX needed)."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -206,3 +207,9 @@ def test_jaxtune_own_value_errors_are_one_line_and_traceback_on_request(tmp_path
     monkeypatch.setenv("JAXTUNE_TRACEBACK", "1")
     with pytest.raises(ValueError, match="multiply to 64"):
         cli.main(args)
+
+
+def test_epilog_examples_name_shipped_configs():
+    root = Path(__file__).resolve().parents[1]
+    shipped = re.findall(r"configs/[\w/]+\.yaml", cli.EPILOG)
+    assert shipped and all((root / c).is_file() for c in shipped), shipped

@@ -356,3 +356,8 @@ def test_importing_config_does_not_import_jax():
     code = "import sys, jaxtune.config; print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_output_dir_url_says_to_mount_the_bucket():
+    with pytest.raises(ConfigError, match=r"output_dir is a URL; .*gcsfuse.*got 'gs://bucket/run'"):
+        load_config({"output_dir": "gs://bucket/run"})

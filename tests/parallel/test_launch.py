@@ -7,6 +7,7 @@ gcloud / srun call.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -51,6 +52,8 @@ def test_help(script):
         proc = launch(script, flag)
         assert proc.returncode == 0, proc.stderr
         assert "Usage:" in proc.stdout and "--dry-run" in proc.stdout and "--config" in proc.stdout
+    shipped = re.findall(r"configs/[\w/]+\.yaml", proc.stdout)
+    assert shipped and all((REPO / c).is_file() for c in shipped), shipped  # the examples name real configs
 
 
 # --- tpu.sh ----------------------------------------------------------------------------------------------

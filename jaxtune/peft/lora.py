@@ -144,6 +144,16 @@ def column_norm(kernel, leaf: dict, scale: float):
     return jnp.linalg.norm(kernel.astype(jnp.float32) + delta(leaf, scale), axis=-2)
 
 
+def _adapted(lora: dict, spec, arch):
+    """(module, its LoRA leaf, its scale) for every module of `arch` that `lora` adapts."""
+    for m in names.modules(arch):
+        try:
+            leaf = names.get_path(lora, m.path)
+        except KeyError:
+            continue
+        yield m, leaf, spec.scale_for(m.name)
+
+
 def merge(params: dict, lora: dict, spec, arch, return_norms: bool = False):
     """Base params with every LoRA / DoRA delta folded into its kernel (what `merge_and_unload` gives).
 
@@ -151,12 +161,7 @@ def merge(params: dict, lora: dict, spec, arch, return_norms: bool = False):
     the merged weight alone does not determine them.
     """
     norms = {}
-    for m in names.modules(arch):
-        try:
-            leaf = names.get_path(lora, m.path)
-        except KeyError:
-            continue
-        scale = spec.scale_for(m.name)
+    for m, leaf, scale in _adapted(lora, spec, arch):
         if m.kind == "embedding":
             if arch.tie_word_embeddings:
                 raise PeftConfigError(
@@ -182,12 +187,7 @@ def merge(params: dict, lora: dict, spec, arch, return_norms: bool = False):
 
 def unmerge(params: dict, lora: dict, spec, arch, norms: dict | None = None) -> dict:
     """Inverse of `merge` (exact up to rounding); DoRA needs the `norms` that `merge` returned."""
-    for m in names.modules(arch):
-        try:
-            leaf = names.get_path(lora, m.path)
-        except KeyError:
-            continue
-        scale = spec.scale_for(m.name)
+    for m, leaf, scale in _adapted(lora, spec, arch):
         path = (*m.path, "embedding" if m.kind == "embedding" else "kernel")
         merged = names.get_path(params, path).astype(jnp.float32)
         if "magnitude" in leaf:

@@ -1,7 +1,7 @@
 """Eight fake CPU devices for the parallel tests.
 
 XLA reads `--xla_force_host_platform_device_count` once, when jax first creates its CPU backend, so the flag is
-set here before anything imports jax (running `pytest tests/parallel`). When another test directory imported
+set here before anything imports jax when only tests/parallel is selected. When another test directory imported
 jax first with fewer devices, the `eight_devices` fixture re-runs the requesting tests in a fresh interpreter
 that has the flag, and reports each one's outcome from there: a pass there is a pass here, a failure a failure.
 The re-run is one subprocess per test *module* (every selected test of the module that asks for
@@ -24,7 +24,22 @@ N_DEVICES = 8
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 FLAG = f"--xla_force_host_platform_device_count={N_DEVICES} {FAST_COMPILE}"
 
-if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+
+
+def _only_parallel_tests_selected() -> bool:
+    """Whether the command line names only paths under tests/parallel: then the whole process may have 8
+    devices. Otherwise other tests, written for one device (default meshes span every device), run here too."""
+    here = Path(__file__).resolve().parent
+    paths = [a.split("::")[0] for a in sys.argv[1:] if not a.startswith("-")]
+    paths = [Path(a).resolve() for a in paths if Path(a).exists()]
+    return bool(paths) and all(p == here or here in p.parents for p in paths)
+
+
+if (
+    "jax" not in sys.modules
+    and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
+    and _only_parallel_tests_selected()
+):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAG}".strip()
 
 import jax  # noqa: E402

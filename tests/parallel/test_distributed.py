@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from proc_helpers import communicate_all
 
 from jaxtune.parallel import distributed
 from jaxtune.parallel.distributed import plan_distributed, slurm_coordinator
@@ -226,18 +227,7 @@ def test_two_processes_agree():
         )
         for i in range(2)
     ]
-    outputs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=120)  # never hang CI on a lost peer
-            outputs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-4000:]
+    outputs = communicate_all(procs, timeout=120)
     results = [
         json.loads(line[len("RESULT ") :])
         for out in outputs

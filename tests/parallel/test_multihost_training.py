@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from parallel.conftest import FAST_COMPILE
+from proc_helpers import communicate_all
 
 from jaxtune import demo
 
@@ -80,17 +81,7 @@ def test_two_processes_train_like_one(tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for args, env in jobs
     ]  # fmt: skip
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=300)[0])  # never hang CI on a lost peer
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-4000:]
+    outputs = communicate_all(procs, timeout=300)
 
     assert "mesh data=2 × fsdp=4 × tensor=1 over 8 cpu devices (2 processes)" in outputs[0]
     assert f"process 0 of 2 feeds rows [0, 8) of each global batch of {BATCH}" in outputs[0]

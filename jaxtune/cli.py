@@ -1,11 +1,10 @@
 """The `jaxtune` command: train | export | generate | chat | data inspect | plot | estimate.
 
 Each command names its implementation as a ``"module:function"`` string (`TARGETS`) imported only when the
-command runs, so ``jaxtune --help`` answers at once and never imports JAX. Errors meant for users (a
-`ConfigError`, the `USER_ERRORS` of other modules, a ValueError / FileNotFoundError / FloatingPointError that
-jaxtune's own code raised with a message, a command whose module cannot be imported) print one
-``jaxtune: error: ...`` paragraph and exit with status 2, without a traceback; anything else is a bug and
-keeps its traceback. `JAXTUNE_TRACEBACK=1` shows the traceback of every error.
+command runs, so ``jaxtune --help`` answers at once and never imports JAX. Errors meant for users — every
+`jaxtune.errors.JaxtuneError` (config, data, checkpoint, model directory, mesh ...), and a command whose module
+cannot be imported — print one ``jaxtune: error: ...`` paragraph and exit with status 2, without a traceback;
+anything else is a bug and keeps its traceback. `JAXTUNE_TRACEBACK=1` shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -17,10 +16,10 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from jaxtune.config import ConfigError, GenerationConfig, dump_yaml, load_config
+from jaxtune.errors import JaxtuneError
 from jaxtune.typed_yaml import Invalid
 
 TARGETS = {
@@ -32,15 +31,6 @@ TARGETS = {
     "plot": "jaxtune.train.plot:main",  # main(run_dir, out=None)
     "estimate": "jaxtune.estimate:main",  # main(cfg)
 }
-# Errors other modules raise for users (bad data, a broken checkpoint): printed like a ConfigError. Looked up
-# only in modules already imported, so listing one here never imports it.
-USER_ERRORS = (
-    "jaxtune.data.errors:DataError",
-    "jaxtune.models.safetensors_io:CheckpointError",
-    "jaxtune.models.families:UnsupportedModelError",
-    "jaxtune.generate_cli:GenerateError",
-    "jaxtune.peft.names:PeftConfigError",
-)
 CONFIG_COMMANDS = ("train", "data inspect", "estimate")  # take CONFIG [overrides...] and get a RunConfig
 
 EPILOG = """\
@@ -180,32 +170,10 @@ def _target(command: str) -> Callable[..., Any]:
     return fn
 
 
-PACKAGE_DIR = str(Path(__file__).resolve().parent)
-# Raised by jaxtune's own code (not from inside jax, numpy, ...), these carry a message written for the user:
-# a mesh that needs more devices, a batch that does not split, a missing checkpoint, a NaN loss.
-OWN_MESSAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError)
-
-
-def _raised_by_jaxtune(e: BaseException) -> bool:
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(PACKAGE_DIR)
-
-
 def _is_user_error(e: Exception) -> bool:
     if os.environ.get("JAXTUNE_TRACEBACK"):  # JAXTUNE_TRACEBACK=1: every error with its traceback
         return False
-    if isinstance(e, (ConfigError, _Unavailable)):
-        return True
-    if isinstance(e, OWN_MESSAGE_ERRORS) and _raised_by_jaxtune(e):
-        return True
-    for spec in USER_ERRORS:
-        module, _, name = spec.partition(":")
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and isinstance(e, cls):
-            return True
-    return False
+    return isinstance(e, (JaxtuneError, _Unavailable))
 
 
 def _run(args: argparse.Namespace, command: str) -> Any:

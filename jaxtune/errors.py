@@ -33,3 +33,7 @@ class ExistsError(JaxtuneError, FileExistsError):
 
 class NonFiniteLoss(JaxtuneError, FloatingPointError):
     """The loss or gradient became NaN / inf and `training.nan_policy=stop` (names the last good checkpoint)."""
+
+
+class CheckpointRestoreError(JaxtuneError, ValueError):
+    """A run checkpoint that cannot be restored (damaged, or written by a different config); names the step."""

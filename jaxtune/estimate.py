@@ -21,20 +21,6 @@ from pathlib import Path
 COMPILE_LIMIT = 1.5e9  # params: above this the compiled figure takes too long on a laptop CPU
 
 
-def _hf_config(cfg) -> dict:
-    from transformers import AutoConfig
-
-    m = cfg.model
-    if m.path:
-        from jaxtune.models.hf import read_hf_config
-
-        return read_hf_config(m.path)
-    if m.random_init:
-        init = dict(m.random_init)
-        return AutoConfig.for_model(init.pop("model_type"), **init).to_dict()
-    raise ValueError("model: give `model.path` (a local Hugging Face directory) or `model.random_init`")
-
-
 def _nbytes(tree) -> int:
     import jax
 
@@ -81,37 +67,19 @@ def estimate(cfg, compile: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxtune import peft
     from jaxtune.data.batch import TokenBatch
     from jaxtune.methods import METHODS
-    from jaxtune.methods.forward import LM
-    from jaxtune.models.families import arch_from_hf
-    from jaxtune.models.model import Model, init_params
     from jaxtune.train import optim, state
+    from jaxtune.train.run import build_run
     from jaxtune.train.step import make_train_step
 
     m, t = cfg.model, cfg.training
-    hf = _hf_config(cfg)
-    # Shapes do not depend on the attention kernel: trace with XLA's where cuDNN is absent (estimating a GPU
-    # config on a laptop); the activation estimate below still counts the configured kernel.
-    impl = m.attention_impl if jax.default_backend() == "gpu" else "xla"
-    arch = arch_from_hf(hf, dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=impl,
-                        remat=m.remat, scan_layers=m.scan_layers)  # fmt: skip
-
-    captured = {}
-
-    def plan_shapes(rng):  # traced: shapes and dtypes only, the static PEFT spec captured on the side
-        plan = peft.prepare(Model(arch, init_params(arch, rng), None, hf), cfg.method, rng, quantization=m.quantization,
-                            double_quant=m.double_quant, quant_block_size=m.quant_block_size)  # fmt: skip
-        captured["spec"] = plan.spec
-        return plan.frozen, plan.trainable
-
-    frozen, trainable = jax.eval_shape(plan_shapes, jax.random.key(0))
-    spec = captured["spec"]
-    steps = max(t.max_steps, 1)
-    optimizer, lr = optim.build(t, trainable, steps)
-    opt_state = jax.eval_shape(optimizer.init, trainable)
-    base = _count(jax.eval_shape(lambda: init_params(arch, 0)))
+    # the run training would build, as shapes: model (vocabulary from the configured tokenizer), PEFT plan,
+    # the stage's extra trainables (score head, value model), optimiser state
+    run = build_run(cfg, abstract=True, weights=False)
+    arch, trainable, frozen = run.model.arch, run.state.trainable, run.frozen
+    opt_state, optimizer, lr = run.state.opt_state, run.optimizer, run.lr
+    base = _count(run.model.params)
     micro = t.micro_batch_size or t.batch_size
     seq = cfg.data.cutoff_len
     sizes = _devices(cfg)
@@ -138,9 +106,14 @@ def estimate(cfg, compile: bool = True) -> dict:
     out["per_device_bytes"] = state_bytes // shard_params + act
 
     if compile and base <= COMPILE_LIMIT:
-        method = METHODS[cfg.stage] if cfg.stage in ("sft", "pt") else METHODS["sft"]
-        lm = LM(arch.replace(peft=spec), chunk=t.loss_chunk_size)
-        step = make_train_step(method, lm, cfg, optimizer, lr, accum=t.accumulation_steps)
+        # the token-level step of the stage (SFT's for pair / kto / prompt stages: the same forward and backward
+        # over one [B, T] batch, the stage's own extras aside)
+        lm_stage = run.method.data_kind in ("text", "lm")
+        method = run.method if lm_stage else METHODS["sft"]
+        if not lm_stage:
+            trainable, frozen = run.plan.trainable, run.plan.frozen
+            optimizer, lr = optim.build(t, trainable, max(t.max_steps, 1))
+        step = make_train_step(method, run.lm, cfg, optimizer, lr, accum=t.accumulation_steps)
         abstract_state = jax.eval_shape(lambda tr: state.create(tr, optimizer, cfg.seed), trainable)
         i32 = jax.ShapeDtypeStruct((t.batch_size, seq), jnp.int32)
         batch = TokenBatch(i32, i32, jax.ShapeDtypeStruct((t.batch_size, seq), jnp.float32), i32, i32)

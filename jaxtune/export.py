@@ -24,17 +24,18 @@ from pathlib import Path
 import jax
 
 from jaxtune import peft
+from jaxtune.errors import RunError
+from jaxtune.models.adapters_hook import UNMERGEABLE
 from jaxtune.peft.names import PeftConfigError
 
 log = logging.getLogger("jaxtune.export")
 MODES = ("auto", "adapter", "merge")
-UNMERGEABLE = ("prompt", "prefix", "adapter")  # add tokens or layers: no plain HF checkpoint holds them
 
 
 def export_plan(plan, trainable: dict, out, mode: str = "auto") -> Path:
     """Write `trainable` (shaped like `plan.trainable`) in the form `mode` asks for; returns the directory."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise RunError(f"mode must be one of {MODES}, got {mode!r}")
     out = Path(out)
     base = plan.base_model(trainable)
     adapters = plan.adapters(trainable)
@@ -94,56 +95,31 @@ def _save_adapter(model, adapters, out: Path, base_path: str | None = None) -> P
 # ----------------------------------------------------------------------------------------------- runs
 
 
-def resolve(path) -> tuple[Path, int | None]:
-    """A run directory, its `checkpoints/` folder, or one step folder -> (run_dir, step or None = latest)."""
-    p = Path(path).absolute()
-    if p.name.isdigit() and p.parent.name == "checkpoints":
-        return p.parent.parent, int(p.name)
-    if p.name == "checkpoints":
-        return p.parent, None
-    if (p / "checkpoints").is_dir() or (p / "config.yaml").exists():
-        return p, None
-    raise FileNotFoundError(
-        f"{path}: not a jaxtune run directory (expected {p}/checkpoints/ and {p}/config.yaml) nor a "
-        "checkpoints/<step> folder"
-    )
+def natural_dir(run) -> str:
+    """Where a finished run writes its export: `hf` (a model) or `adapter` (a PEFT adapter)."""
+    model = run.method.export is not None or "params" in run.policy_trainable
+    return "hf" if model else "adapter"
 
 
-def load_run(path, config=None):
-    """(config, plan, trained pytree, step) of a run, restored from its checkpoint."""
-    from jaxtune.config import load_config
-    from jaxtune.train import optim, setup
-    from jaxtune.train import state as state_lib
-    from jaxtune.train.checkpoint import Checkpointer
-
-    run_dir, step = resolve(path)
-    config_path = Path(config) if config else run_dir / "config.yaml"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path}: no run config; pass the one the run used with --config")
-    cfg = load_config(config_path)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.training, is_async=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint to export")
-    model = setup.build_model(cfg)
-    m = cfg.model
-    plan = peft.prepare(model, cfg.method, jax.random.PRNGKey(cfg.seed), quantization=m.quantization,
-                        double_quant=m.double_quant, quant_block_size=m.quant_block_size)  # fmt: skip
-    optimizer, _ = optim.build(cfg.training, plan.trainable, 1, plan.lr_multipliers)
-    abstract = jax.eval_shape(lambda: state_lib.create(plan.trainable, optimizer, cfg.seed))
-    try:
-        state, _, _ = ckpt.restore(step, abstract)
-    finally:
-        ckpt.close()
-    return cfg, plan, state.trainable, step
+def export_trained(run, trainable: dict, out, mode: str = "auto") -> Path:
+    """A run's trained tree (the policy's: `Run.policy_trainable`) in the form `mode` asks for: the stage's own
+    export when its method record has one (RM: a sequence classifier), else `export_plan`."""
+    if run.method.export is not None:
+        return run.method.export(run.model, run.plan, trainable, out, mode)
+    return export_plan(run.plan, trainable, out, mode)
 
 
 def export(path, out, mode: str = "auto", config=None) -> Path:
-    cfg, plan, trainable, step = load_run(path, config)
-    written = export_plan(plan, trainable, out, mode)
-    print(
-        f"jaxtune: exported step {step} of {cfg.output_dir} ({'+'.join(plan.methods)}, {mode}) to {written}"
-    )
+    """`jaxtune export`: the run at `path` (run dir, checkpoints/ or checkpoints/<step>) rebuilt abstractly
+    (train/run.py `load_run`), its checkpoint restored into it, and written as `mode` says."""
+    from jaxtune.train.run import load_run
+
+    if mode not in MODES:
+        raise RunError(f"mode must be one of {MODES}, got {mode!r}")
+    run, step = load_run(path, config)
+    written = export_trained(run, run.policy_trainable, out, mode)
+    print(f"jaxtune: exported step {step} of {run.run_dir} (stage {run.cfg.stage}, {'+'.join(run.plan.methods)}, "
+          f"{mode}) to {written}")  # fmt: skip
     return written
 
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.errors import RunError
 from jaxtune.models import kv_cache
 from jaxtune.models.decoder import Decoder, segment_positions
 
@@ -142,7 +143,7 @@ def sample_recompute(arch, variables, prompt_ids, prompt_mask, rng, stop_ids, *,
 def left_pad(sequences: list[list[int]], pad_id: int = 0, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Prompts -> (ids, mask) [B, P], left-padded to a multiple of `multiple` (few distinct compiled shapes)."""
     if not sequences or any(len(s) == 0 for s in sequences):
-        raise ValueError("generate: every prompt needs at least one token (got an empty prompt or none)")
+        raise RunError("generate: every prompt needs at least one token (got an empty prompt or none)")
     width = -(-max(len(s) for s in sequences) // multiple) * multiple
     ids = np.full((len(sequences), width), pad_id, np.int32)
     mask = np.zeros((len(sequences), width), np.int32)

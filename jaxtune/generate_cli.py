@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jaxtune.errors import JaxtuneError
+
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
 CHAT_HELP = "jaxtune chat: type a message and press Enter; /reset clears the history, /exit or Ctrl-D quits."
 
 
-class GenerateError(ValueError):
+class GenerateError(JaxtuneError, ValueError):
     """A user error in `jaxtune generate` / `chat` arguments (printed without a traceback)."""
 
 
@@ -52,7 +54,14 @@ def load(model_dir: str, adapter_dir: str | None = None) -> Loaded:
 
     path = Path(model_dir)
     if (path / "config.yaml").exists() and not (path / "config.json").exists():
-        model, run_adapter = _from_run_dir(path)
+        if (path / "checkpoints").is_dir() and any((path / "checkpoints").iterdir()):
+            if adapter_dir:
+                raise GenerateError(
+                    f"--adapter applies to a Hugging Face model directory; --model {model_dir} is a run, whose "
+                    "own checkpoint is used"
+                )
+            return _from_checkpoint(path)
+        model, run_adapter = _from_export(path)
         adapter_dir = adapter_dir or run_adapter
     elif (path / "config.json").exists():
         model = hf.load_model(path)
@@ -72,8 +81,23 @@ def load(model_dir: str, adapter_dir: str | None = None) -> Loaded:
     return Loaded(arch, variables, model.tokenizer, tuple(sorted(_eos_ids(model.tokenizer, model.hf_config))))
 
 
-def _from_run_dir(run_dir: Path):
-    """A run's export: `hf/` (full / BitFit / freeze-tuning) or the base model and `adapter/` (PEFT)."""
+def _from_checkpoint(run_dir: Path) -> Loaded:
+    """A run directory's latest checkpoint: the run rebuilt abstractly (train/run.py), its trained tree restored
+    and merged with the base weights it adapts: exactly the policy training evaluated."""
+    from jaxtune.peft import merge_variables
+    from jaxtune.train.run import load_run
+
+    run, step = load_run(run_dir)
+    model = run.model
+    logging.getLogger("jaxtune").info("generating with %s, checkpoint step %d", run_dir, step)
+    variables = merge_variables(run.frozen, run.policy_trainable)
+    arch = run.lm.arch.replace(neftune_alpha=0.0)
+    return Loaded(arch, variables, model.tokenizer, tuple(sorted(_eos_ids(model.tokenizer, model.hf_config))))
+
+
+def _from_export(run_dir: Path):
+    """A run without checkpoints but with an export: `hf/` (full / BitFit / freeze-tuning) or the base model
+    and `adapter/` (PEFT)."""
     from jaxtune.config import load_config
     from jaxtune.models import hf
     from jaxtune.train import setup
@@ -87,8 +111,8 @@ def _from_run_dir(run_dir: Path):
     if (run_dir / "adapter").is_dir():
         return setup.build_model(cfg), str(run_dir / "adapter")
     raise GenerateError(
-        f"--model {run_dir}: this run directory holds no export (hf/ or adapter/); finish the run, or run "
-        f"`jaxtune export --checkpoint {run_dir} --out DIR` and pass --model DIR"
+        f"--model {run_dir}: this run directory holds no checkpoint and no export (hf/ or adapter/); train it "
+        "first, or pass a Hugging Face model directory"
     )
 
 

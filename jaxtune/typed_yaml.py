@@ -22,8 +22,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from jaxtune.errors import JaxtuneError
 
-class ConfigError(ValueError):
+
+class ConfigError(JaxtuneError, ValueError):
     """A configuration problem, worded for the user: what is wrong, where, and what to do."""
 
 

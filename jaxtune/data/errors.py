@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import logging
 
+from jaxtune.errors import JaxtuneError
+
 log = logging.getLogger("jaxtune.data")
 
 # Logging every skipped row of a million-row file would drown the log; the first few show the pattern and
@@ -17,7 +19,7 @@ log = logging.getLogger("jaxtune.data")
 _LOGGED_PER_REASON = 5
 
 
-class DataError(ValueError):
+class DataError(JaxtuneError, ValueError):
     """A problem in user data, located by file, row and field."""
 
     def __init__(

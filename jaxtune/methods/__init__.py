@@ -1,10 +1,14 @@
-"""Training objectives. Each method is one module exposing `Batch`, `loss_fn`, `denominator`, `finalize` and
-`needs_reference`; this dict maps config stage names to them. No trainer subclasses, no hooks.
+"""Training objectives: one frozen `Method` record per `config.Stage` value (methods/record.py says what each
+field means). No trainer subclasses, no hooks, no attribute probing: the trainer reads the record."""
 
-Optional: `prepare(cfg, lm, plan, tokenizer, train_it, eval_it) -> (trainable, frozen, lr_multipliers, train_it,
-eval_it)` runs once before the step is built (rm adds its score head, dpo/kto their reference), and
-`export(model, plan, trainable, run_dir)` replaces the default export (rm writes a sequence classifier)."""
+from jaxtune.methods.dpo import DPO
+from jaxtune.methods.grpo import GRPO
+from jaxtune.methods.kto import KTO
+from jaxtune.methods.ppo import PPO
+from jaxtune.methods.record import RL, Method, Prepare, Prepared, Schedule
+from jaxtune.methods.rm import RM
+from jaxtune.methods.sft import PT, SFT
 
-from jaxtune.methods import dpo, grpo, kto, ppo, rm, sft
+METHODS: dict[str, Method] = {"pt": PT, "sft": SFT, "rm": RM, "dpo": DPO, "kto": KTO, "ppo": PPO, "grpo": GRPO}
 
-METHODS = {"pt": sft, "sft": sft, "rm": rm, "dpo": dpo, "kto": kto, "ppo": ppo, "grpo": grpo}
+__all__ = ["METHODS", "RL", "Method", "Prepare", "Prepared", "Schedule"]

@@ -43,14 +43,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.data.batch import PreferenceBatch, TokenBatch
+from jaxtune.data.batch import TokenBatch
+from jaxtune.errors import RunError
 from jaxtune.methods import reference
 from jaxtune.methods.logps import sequence_logps
+from jaxtune.methods.record import Method, Prepare, Prepared
 
 log = logging.getLogger("jaxtune.train")
 
-Batch = PreferenceBatch
-needs_reference = True  # sigmoid / robust / hinge / ipo; simpo and orpo are reference-free
 REFERENCE_FREE = ("simpo", "orpo")
 MEAN_LOGPS = ("ipo", "simpo", "orpo")  # length-normalised log-probs, as the papers (and TRL) use
 
@@ -128,7 +128,7 @@ def pair_losses(pc, pr, rc, rr, cfg):
     elif kind == "ipo":
         losses = ipo_loss(z, beta)
     else:
-        raise ValueError(f"dpo.loss_type={kind!r} is not a pairwise loss (kto is stage: kto)")
+        raise RunError(f"dpo.loss_type={kind!r} is not a pairwise loss (kto is stage: kto)")
     return losses, sg(beta * (pc - rc)), sg(beta * (pr - rr))
 
 
@@ -191,38 +191,34 @@ def loss_fn(lm, variables, batch, rng, cfg, train: bool = True):
     return total(losses), sums
 
 
-def finalize(sums: dict, denom) -> dict:
-    """Per-pair means; `tokens` stays a count (the progress bar's tokens/s)."""
-    out = {k: v / denom for k, v in sums.items() if k != "tokens"}
-    out["tokens"] = sums["tokens"]
-    return out
-
-
-def prepare(cfg, lm, plan, tokenizer, train_it, eval_it):
-    """Before the step is built: the reference for this run (see `methods/reference.py`).
-
-    Returns (trainable, frozen, lr_multipliers, train_it, eval_it)."""
-    d, frozen = cfg.dpo, plan.frozen
+def prepare(p: Prepare) -> Prepared:
+    """Before the step is built: the reference for this run (see `methods/reference.py`)."""
+    d, frozen = p.cfg.dpo, p.frozen
+    train_it, eval_it = p.train_it, p.eval_it
     if d.loss_type in REFERENCE_FREE:
         log.info("dpo: loss_type=%s needs no reference model", d.loss_type)
-        return plan.trainable, frozen, plan.lr_multipliers, train_it, eval_it
-    mode = reference.reference_mode(d, plan.trainable)
+        return Prepared(p.trainable, frozen, p.multipliers, train_it, eval_it)
+    mode = reference.reference_mode(d, p.trainable)
     log.info("dpo: loss_type=%s, reference=%s", d.loss_type, mode)
+    if p.abstract:  # a restore: the reference is no part of the trained state
+        return Prepared(p.trainable, frozen, p.multipliers)
     if mode == "frozen_copy":
-        frozen = reference.add_frozen_copy(frozen, plan.trainable)
+        frozen = reference.add_frozen_copy(frozen, p.trainable)
     elif mode == "precomputed":
         from jaxtune.peft import merge_variables
 
-        variables = merge_variables(plan.frozen, plan.trainable)
-        batch_size = cfg.training.eval_batch_size or cfg.training.batch_size
+        variables = merge_variables(p.frozen, p.trainable)
+        t = p.cfg.training
         items = reference.all_rows(train_it, eval_it)
+        lm = p.lm
         table = reference.precompute(
-            lambda v, batch: _reference_pair_logps(lm, v, batch), variables, train_it, items, batch_size, _parts
+            lambda v, batch: _reference_pair_logps(lm, v, batch), variables, train_it, items,
+            t.eval_batch_size or t.batch_size, _parts,
         )  # fmt: skip
         train_it = reference.WithReference(train_it, table, _parts, _attach)
         if eval_it is not None:
             eval_it = reference.WithReference(eval_it, table, _parts, _attach)
-    return plan.trainable, frozen, plan.lr_multipliers, train_it, eval_it
+    return Prepared(p.trainable, frozen, p.multipliers, train_it, eval_it)
 
 
 def _reference_pair_logps(lm, variables, batch):
@@ -238,3 +234,6 @@ def _parts(batch):
 
 def _attach(batch, values):
     return RefPreferenceBatch(batch.chosen, batch.rejected, values)
+
+
+DPO = Method("dpo", "pair", loss_fn, denominator, prepare=prepare)

@@ -15,13 +15,6 @@ from jaxtune.methods.logps import TokenStats, token_stats
 from jaxtune.models.arch import ArchConfig
 from jaxtune.models.decoder import Decoder
 
-ADAPTER_COLLECTIONS = ("lora", "ia3", "adapter", "prefix", "prompt", "bitfit")
-
-
-def without_adapters(variables: dict) -> dict:
-    """The reference model: the same weights without any adapter collection (no second copy)."""
-    return {k: v for k, v in variables.items() if k not in ADAPTER_COLLECTIONS}
-
 
 @dataclass(frozen=True)
 class LM:

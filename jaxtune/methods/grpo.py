@@ -29,14 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.data.batch import PromptBatch, TokenBatch
+from jaxtune.errors import RunError
 from jaxtune.methods import rewards as rewards_lib
 from jaxtune.methods import rollout as ro
 from jaxtune.methods.forward import LM
+from jaxtune.methods.record import RL, Method, Prepare, Prepared, Schedule
+from jaxtune.methods.reference import add_frozen_copy
 
 log = logging.getLogger("jaxtune.train")
-
-needs_reference = True
-rl = True  # trained by train/rl_loop.py: rollouts, then updates
 
 
 @flax.struct.dataclass
@@ -62,26 +62,32 @@ def k3(logp, ref_logp):
     return jnp.exp(d) - d - 1.0
 
 
-def schedule(cfg) -> dict:
+def schedule(cfg) -> Schedule:
     """Prompts per rollout, completions (rows) per rollout, rows per optimiser update, passes per rollout."""
     g = cfg.grpo
     rows = cfg.training.batch_size * g.num_generations
     mini = g.mini_batch_size or rows
     if rows % mini:
-        raise ValueError(
+        raise RunError(
             f"grpo.mini_batch_size={mini} must divide training.batch_size x grpo.num_generations={rows}"
         )
-    return {"prompts": cfg.training.batch_size, "rows": rows, "mini_batch": mini, "epochs": g.num_iterations}
+    field = "grpo.mini_batch_size" + ("" if g.mini_batch_size else " (default: training.batch_size x grpo.num_generations)")
+    return Schedule(prompts=cfg.training.batch_size, rows=rows, mini_batch=mini, epochs=g.num_iterations, field=field)
 
 
-def setup(cfg, lm: LM, model, trainable: dict, frozen: dict, multipliers: dict):
-    """The rollout context (reward functions resolved now, so a typo fails before any work)."""
+def prepare(p: Prepare) -> Prepared:
+    """The reference (adapters off, or a frozen copy of the trained base leaves) and the rollout context
+    (reward functions resolved now, so a typo fails before any work)."""
+    cfg, lm, model = p.cfg, p.lm, p.model
+    frozen = p.frozen
+    if "params" in p.trainable and not p.abstract:  # full / BitFit / freeze: the reference keeps the start
+        frozen = add_frozen_copy(frozen, p.trainable)
     ctx = ro.RolloutContext(
         lm=lm, ref_lm=LM(ro.reference_arch(lm.arch), lm.chunk), tokenizer=model.tokenizer,
         generation=cfg.generation, stop_ids=ro.stop_ids_of(model.tokenizer, model.hf_config),
-        reward=rewards_lib.combined(cfg.grpo.reward_fns, "grpo.reward_fns"),
+        reward=None if p.abstract else rewards_lib.combined(cfg.grpo.reward_fns, "grpo.reward_fns"),
     )  # fmt: skip
-    return ctx, trainable, frozen, multipliers
+    return Prepared(p.trainable, frozen, p.multipliers, p.train_it, p.eval_it, context=ctx)
 
 
 def rollout(
@@ -147,7 +153,4 @@ def loss_fn(lm, variables, batch: Batch, rng, cfg, train: bool = True):
     return loss.sum(), sums
 
 
-def finalize(sums: dict, denom) -> dict:
-    out = {k: v / denom for k, v in sums.items() if k != "tokens"}
-    out["tokens"] = sums["tokens"]
-    return out
+GRPO = Method("grpo", "prompt", loss_fn, denominator, prepare=prepare, rl=RL(schedule, rollout))

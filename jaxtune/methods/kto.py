@@ -29,24 +29,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.data.batch import KTOBatch, TokenBatch
+from jaxtune.errors import RunError
 from jaxtune.methods import reference
-from jaxtune.methods.dpo import finalize, sequence_logps_of
+from jaxtune.methods.dpo import sequence_logps_of
+from jaxtune.methods.record import Method, Prepare, Prepared
 
 log = logging.getLogger("jaxtune.train")
-
-Batch = KTOBatch
-needs_reference = True
-
-__all__ = [
-    "Batch",
-    "denominator",
-    "finalize",
-    "kto_losses",
-    "loss_fn",
-    "mismatched",
-    "needs_reference",
-    "prepare",
-]
 
 
 def kto_losses(
@@ -106,7 +94,7 @@ def loss_fn(lm, variables, batch: KTOBatch, rng, cfg, train: bool = True):
     tb = batch.batch
     b = tb.input_ids.shape[0]
     if b < 2:
-        raise ValueError(
+        raise RunError(
             "stage kto estimates its KL reference point from mismatched rows of one micro-batch: use "
             "training.batch_size (or training.micro_batch_size) >= 2"
         )  # fmt: skip
@@ -144,14 +132,19 @@ def loss_fn(lm, variables, batch: KTOBatch, rng, cfg, train: bool = True):
     return total(losses), sums
 
 
-def prepare(cfg, lm, plan, tokenizer, train_it, eval_it):
+def prepare(p: Prepare) -> Prepared:
     """The reference for this run: adapters off under PEFT, else a frozen copy of the trained leaves."""
-    mode = reference.reference_mode(cfg.dpo, plan.trainable)
+    mode = reference.reference_mode(p.cfg.dpo, p.trainable)
     if mode == "precomputed":
-        raise ValueError(
+        raise RunError(
             "stage kto cannot use dpo.precompute_ref_log_probs: its KL reference point pairs each prompt with "
             "another row's completion, different in every batch; set it to false"
         )  # fmt: skip
     log.info("kto: reference=%s", mode)
-    frozen = reference.add_frozen_copy(plan.frozen, plan.trainable) if mode == "frozen_copy" else plan.frozen
-    return plan.trainable, frozen, plan.lr_multipliers, train_it, eval_it
+    frozen = p.frozen
+    if mode == "frozen_copy" and not p.abstract:
+        frozen = reference.add_frozen_copy(frozen, p.trainable)
+    return Prepared(p.trainable, frozen, p.multipliers, p.train_it, p.eval_it)
+
+
+KTO = Method("kto", "kto", loss_fn, denominator, prepare=prepare)

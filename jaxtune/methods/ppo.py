@@ -45,16 +45,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.data.batch import PromptBatch, TokenBatch
+from jaxtune.errors import RunError
 from jaxtune.methods import rewards as rewards_lib
 from jaxtune.methods import rollout as ro
 from jaxtune.methods.forward import LM
+from jaxtune.methods.record import RL, Method, Prepare, Prepared, Schedule
+from jaxtune.methods.reference import add_frozen_copy
 from jaxtune.models.decoder import Decoder
 from jaxtune.models.score import init_score, sequence_scores, token_scores
 
 log = logging.getLogger("jaxtune.train")
-
-needs_reference = True
-rl = True  # trained by train/rl_loop.py: rollouts, then updates
 
 
 @dataclass(frozen=True)
@@ -126,13 +126,15 @@ def objective(logp, values, batch: Batch, clip: float, value_clip: float, vf_coe
 # ------------------------------------------------------------------------------------------------ models
 
 
-def schedule(cfg) -> dict:
+def schedule(cfg) -> Schedule:
     p = cfg.ppo
     prompts = p.rollout_batch_size or cfg.training.batch_size
     mini = p.mini_batch_size or prompts
     if prompts % mini:
-        raise ValueError(f"ppo.mini_batch_size={mini} must divide the rollout batch of {prompts} prompts")
-    return {"prompts": prompts, "rows": prompts, "mini_batch": mini, "epochs": p.ppo_epochs}
+        raise RunError(f"ppo.mini_batch_size={mini} must divide the rollout batch of {prompts} prompts")
+    default = "ppo.rollout_batch_size" if p.rollout_batch_size else "training.batch_size"
+    field = "ppo.mini_batch_size" if p.mini_batch_size else f"ppo.mini_batch_size (default: {default})"
+    return Schedule(prompts=prompts, rows=prompts, mini_batch=mini, epochs=p.ppo_epochs, field=field)
 
 
 def initial_meta(cfg) -> dict:
@@ -177,11 +179,11 @@ def _reward_model(path: str, tokenizer):
 
     rm = load_model(path, tokenizer=False)
     if "score" not in rm.params:
-        raise ValueError(
+        raise RunError(
             f"ppo.reward_model={path}: no `score` head there; export a reward model with stage rm"
         )
     if rm.arch.vocab_size < len(tokenizer):
-        raise ValueError(
+        raise RunError(
             f"ppo.reward_model={path}: vocabulary of {rm.arch.vocab_size} tokens, but the policy's tokenizer has "
             f"{len(tokenizer)}; the reward model must share the policy's tokenizer"
         )  # fmt: skip
@@ -195,30 +197,36 @@ def _reward_model(path: str, tokenizer):
     return lambda batch: np.asarray(score(rm.params, batch), np.float32)
 
 
-def setup(cfg, lm: LM, model, trainable: dict, frozen: dict, multipliers: dict):
-    """Rollout context (reward model or function, value model) and the value head / adapter as trainables."""
-    p = cfg.ppo
-    extra = {}
-    reward = None
-    if p.reward_model:
-        extra["reward_model"] = _reward_model(p.reward_model, model.tokenizer)
+def prepare(p: Prepare) -> Prepared:
+    """The reference (adapters off, or a frozen copy of the trained base leaves), the value head / adapter as
+    trainables, and the rollout context (reward model or function, value model)."""
+    cfg, lm, model = p.cfg, p.lm, p.model
+    frozen = p.frozen
+    if "params" in p.trainable and not p.abstract:  # full / BitFit / freeze: the reference keeps the start
+        frozen = add_frozen_copy(frozen, p.trainable)
+    extra, reward = {}, None
+    if p.abstract:
+        pass  # a restore: no reward model or function is called
+    elif cfg.ppo.reward_model:
+        extra["reward_model"] = _reward_model(cfg.ppo.reward_model, model.tokenizer)
     else:
-        reward = rewards_lib.resolve(p.reward_fn, "ppo.reward_fn")
+        reward = rewards_lib.resolve(cfg.ppo.reward_fn, "ppo.reward_fn")
     head = init_score(lm.arch, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 13))
     value = {"score": head}
     value_lm = None
-    if p.value_model == "lora":
+    if cfg.ppo.value_model == "lora":
         lora, spec = _value_lora(cfg, model, lm.arch.peft.layer_split)
         value["lora"] = lora
         value_lm = LM(value_arch(lm.arch, spec), lm.chunk)
-    trainable = {**trainable, "value": value}
-    multipliers = {**multipliers, "value": jax.tree.map(lambda _: 1.0, value)}
+    trainable = {**p.trainable, "value": value}
+    multipliers = {**p.multipliers, "value": jax.tree.map(lambda _: 1.0, value)}
+    models = ActorCritic(lm, value_lm)
     ctx = ro.RolloutContext(
         lm=lm, ref_lm=LM(ro.reference_arch(lm.arch), lm.chunk), tokenizer=model.tokenizer,
         generation=cfg.generation, stop_ids=ro.stop_ids_of(model.tokenizer, model.hf_config), reward=reward,
-        extra=extra, train_lm=ActorCritic(lm, value_lm),
+        extra=extra, train_lm=models,
     )  # fmt: skip
-    return ctx, trainable, frozen, multipliers
+    return Prepared(trainable, frozen, multipliers, p.train_it, p.eval_it, context=ctx, step_model=models)
 
 
 def forward(policy_lm: LM, value_lm: LM | None, variables: dict, tokens: TokenBatch, temperature: float, rng=None,
@@ -298,7 +306,7 @@ def loss_fn(models: ActorCritic, variables, batch: Batch, rng, cfg, train: bool 
     return total(loss), sums
 
 
-def finalize(sums: dict, denom) -> dict:
-    out = {k: v / denom for k, v in sums.items() if k != "tokens"}
-    out["tokens"] = sums["tokens"]
-    return out
+PPO = Method(
+    "ppo", "prompt", loss_fn, denominator, prepare=prepare,
+    rl=RL(schedule, rollout, initial_meta=initial_meta, update_meta=update_meta, private=("value",)),
+)  # fmt: skip

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.methods.forward import without_adapters
+from jaxtune.errors import RunError
+from jaxtune.models.adapters_hook import without_adapters
 
 log = logging.getLogger("jaxtune.train")
 
@@ -35,7 +36,7 @@ def reference_mode(dpo_cfg, trainable: dict) -> str:
     """'adapters_off' | 'frozen_copy' | 'precomputed' for a run whose trainable collections are `trainable`."""
     trains_base = "params" in trainable
     if dpo_cfg.reference == "adapters_off" and trains_base:
-        raise ValueError(
+        raise RunError(
             "dpo.reference=adapters_off: this run trains base parameters (full, BitFit or freeze-tuning), so the "
             "model without adapters is not the initial model; use dpo.reference=frozen_copy (or auto), or "
             "dpo.precompute_ref_log_probs=true"
@@ -96,6 +97,7 @@ class WithReference:
 
     def __init__(self, it, table: dict, parts, attach):
         self.it, self.table, self.parts, self.attach = it, table, parts, attach
+        self.empty = np.zeros_like(next(iter(table.values()))) if table else np.zeros(0, np.float32)
 
     def __iter__(self):
         return self
@@ -103,9 +105,14 @@ class WithReference:
     def __next__(self):
         batch = next(self.it)
         values = []
-        for key in row_keys(*self.parts(batch)):
+        parts = self.parts(batch)
+        real = (np.asarray(parts[0].segment_ids) > 0).any(-1)  # eval batches are padded with empty rows
+        for key, is_real in zip(row_keys(*parts), real):
+            if not is_real:
+                values.append(self.empty)  # no pair: masked out of every sum (`pair_mask`)
+                continue
             if key not in self.table:
-                raise KeyError(
+                raise RunError(
                     "a batch row has no precomputed reference log-prob (the data changed after the reference "
                     "pass?); rerun without resuming, or set dpo.precompute_ref_log_probs=false"
                 )  # fmt: skip
@@ -124,7 +131,7 @@ def all_rows(*iterators) -> list:
             continue
         datasets = getattr(it.order, "datasets", None)
         if datasets is None:
-            raise ValueError(
+            raise RunError(
                 "dpo.precompute_ref_log_probs needs the whole dataset in memory: set data.streaming=false, or "
                 "turn precomputation off (the reference is then computed every step)"
             )  # fmt: skip

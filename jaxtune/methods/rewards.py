@@ -25,13 +25,15 @@ import importlib
 import re
 from collections.abc import Callable, Sequence
 
+from jaxtune.errors import RunError
+
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[str | None]], Sequence[float]]
 
 
 def _need_answers(name: str, answers) -> None:
     missing = sum(a is None for a in answers)
     if missing:
-        raise ValueError(
+        raise RunError(
             f"reward '{name}' compares with a reference answer, but {missing} of {len(answers)} prompts have none: "
             "give the data an `answer` column (or a final assistant turn), or use a reward that needs none"
         )  # fmt: skip
@@ -99,16 +101,16 @@ def resolve(name: str, field: str = "grpo.reward_fns") -> RewardFn:
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:
-        raise ValueError(
+        raise RunError(
             f"{field}: unknown reward '{name}'; use a builtin ({', '.join(BUILTIN)}) or 'module:function'"
         )
     module, _, attr = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module), attr, None)
     except ImportError as e:
-        raise ValueError(f"{field}: cannot import module '{module}' for reward '{name}' ({e})") from None
+        raise RunError(f"{field}: cannot import module '{module}' for reward '{name}' ({e})") from None
     if not callable(fn):
-        raise ValueError(f"{field}: module '{module}' has no function '{attr}' (reward '{name}')")
+        raise RunError(f"{field}: module '{module}' has no function '{attr}' (reward '{name}')")
     return fn
 
 
@@ -121,7 +123,7 @@ def combined(names: Sequence[str], field: str = "grpo.reward_fns") -> Callable[.
         for name, fn in fns:
             values = [float(v) for v in fn(list(prompts), list(completions), list(answers))]
             if len(values) != len(completions):
-                raise ValueError(
+                raise RunError(
                     f"reward '{name}' returned {len(values)} values for {len(completions)} completions"
                 )
             sums = [s + v for s, v in zip(sums, values)]

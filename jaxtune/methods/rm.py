@@ -29,16 +29,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.data.batch import PreferenceBatch
-from jaxtune.methods.dpo import finalize, pair_batch, pair_mask
-from jaxtune.models.score import init_score, seq_cls_config, sequence_scores
+from jaxtune.errors import RunError
+from jaxtune.methods.dpo import pair_batch, pair_mask
+from jaxtune.methods.record import Method, Prepare, Prepared
+from jaxtune.models.adapters_hook import UNMERGEABLE
+from jaxtune.models.score import SCORE_MAP, init_score, seq_cls_config, sequence_scores
 
 log = logging.getLogger("jaxtune.train")
-
-Batch = PreferenceBatch
-needs_reference = False
-UNMERGEABLE = ("prompt", "prefix", "adapter")  # collections a plain HF checkpoint cannot hold
-
-__all__ = ["Batch", "denominator", "export", "finalize", "loss_fn", "needs_reference", "prepare", "rewards"]
 
 
 def denominator(batch):
@@ -82,36 +79,41 @@ def loss_fn(lm, variables, batch: PreferenceBatch, rng, cfg, train: bool = True)
     return total(losses), sums
 
 
-def prepare(cfg, lm, plan, tokenizer, train_it, eval_it):
+def prepare(p: Prepare) -> Prepared:
     """Put a trainable score head into the run: the base's own (a *ForSequenceClassification checkpoint) or a
-    fresh one (`init_score`, seeded by the run). Returns (trainable, frozen, lr_multipliers, train_it, eval_it)."""
-    unmergeable = [c for c in UNMERGEABLE if c in plan.trainable]
-    if unmergeable and cfg.training.export_hf:
-        raise ValueError(
+    fresh one (`init_score`, seeded by the run)."""
+    cfg, arch = p.cfg, p.lm.arch
+    unmergeable = [c for c in UNMERGEABLE if c in p.trainable]
+    if unmergeable and cfg.training.export_hf and not p.abstract:
+        raise RunError(
             f"stage rm exports a *ForSequenceClassification model, which cannot hold {'/'.join(unmergeable)} "
             "adapters: use method lora, qlora, dora, ia3, bitfit, freeze or full, or set training.export_hf=false"
         )  # fmt: skip
-    frozen_params = dict(plan.frozen["params"])
-    trainable = dict(plan.trainable)
+    frozen_params = dict(p.frozen["params"])
+    trainable = dict(p.trainable)
     params = dict(trainable.get("params", {}))
     head = params.pop("score", None) or frozen_params.pop("score", None)
     if head is None:
-        head = init_score(lm.arch, jax.random.fold_in(jax.random.key(cfg.seed), 7))
-        log.info("rm: new score head [%d, 1] on %s", lm.arch.hidden_size, lm.arch.model_type)
+        head = init_score(arch, jax.random.fold_in(jax.random.key(cfg.seed), 7))
+        log.info("rm: new score head [%d, 1] on %s", arch.hidden_size, arch.model_type)
     params["score"] = head
     trainable["params"] = params
-    multipliers = dict(plan.lr_multipliers)
+    multipliers = dict(p.multipliers)
     multipliers["params"] = {**multipliers.get("params", {}), "score": jax.tree.map(lambda _: 1.0, head)}
-    frozen = {**plan.frozen, "params": frozen_params}
-    return trainable, frozen, multipliers, train_it, eval_it
+    frozen = {**p.frozen, "params": frozen_params}
+    return Prepared(trainable, frozen, multipliers, p.train_it, p.eval_it)
 
 
-def export(model, plan, trainable, run_dir) -> Path:
-    """`run_dir/hf`: an `AutoModelForSequenceClassification` directory, adapters merged into the base."""
+def export(model, plan, trainable, out, mode: str = "auto") -> Path:
+    """`auto` / `merge`: an `AutoModelForSequenceClassification` directory, adapters merged into the base.
+    `adapter`: a PEFT `SEQ_CLS` adapter (the adapter plus `modules_to_save=["score"]`) over the base model, which
+    `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), out)` loads."""
     from jaxtune import peft
     from jaxtune.models.hf import save_model
 
-    out = Path(run_dir) / "hf"
+    out = Path(out)
+    if mode == "adapter":
+        return _export_adapter(model, plan, trainable, out)
     # the head trains (prepare moved a loaded one out of the frozen params): take it from `trainable` only
     frozen = {**plan.frozen, "params": {k: v for k, v in plan.frozen["params"].items() if k != "score"}}
     base = dataclasses.replace(plan, frozen=frozen).base_model(trainable)  # trained leaves and head put back
@@ -124,3 +126,35 @@ def export(model, plan, trainable, run_dir) -> Path:
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(out))
     return out
+
+
+def _export_adapter(model, plan, trainable, out: Path) -> Path:
+    import json
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from jaxtune import peft
+    from jaxtune.peft.interop import CONFIG, PREFIX, WEIGHTS
+
+    base_params = sorted(set(trainable.get("params", {})) - {"score"})
+    if base_params:
+        raise peft.PeftConfigError(
+            f"this reward model trains base parameters ({', '.join(base_params)}), which an adapter cannot hold: "
+            "export it without --adapter (a sequence-classification model)"
+        )
+    adapters = plan.adapters({k: v for k, v in trainable.items() if k != "params"})
+    peft.save_adapter(model, adapters, out)
+    tensors = load_file(str(out / WEIGHTS))
+    kernel = np.asarray(jax.device_get(trainable["params"]["score"]["kernel"]), np.float32)  # [D, 1]
+    tensors[PREFIX + SCORE_MAP.hf] = np.ascontiguousarray(kernel.T)  # torch Linear [out, in]
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    config = json.loads((out / CONFIG).read_text())
+    config.update(task_type="SEQ_CLS", modules_to_save=["score"])
+    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(out))
+    return out
+
+
+RM = Method("rm", "pair", loss_fn, denominator, prepare=prepare, export=export)

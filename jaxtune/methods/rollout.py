@@ -28,8 +28,9 @@ import numpy as np
 
 from jaxtune.data.batch import PromptBatch, TokenBatch
 from jaxtune.generate import cut_at_stop, sample, stop_array
-from jaxtune.methods.forward import LM, without_adapters
+from jaxtune.methods.forward import LM
 from jaxtune.methods.logps import TokenStats, token_stats
+from jaxtune.models.adapters_hook import without_adapters
 from jaxtune.models.decoder import Decoder, segment_positions
 
 

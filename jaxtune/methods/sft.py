@@ -11,9 +11,7 @@ import jax.numpy as jnp
 
 from jaxtune.data.batch import TokenBatch
 from jaxtune.methods.logps import token_losses
-
-Batch = TokenBatch
-needs_reference = False
+from jaxtune.methods.record import Method
 
 
 def denominator(batch: TokenBatch):
@@ -35,9 +33,5 @@ def loss_fn(lm, variables, batch: TokenBatch, rng, cfg, train: bool = True):
     return loss, sums
 
 
-def finalize(sums: dict, denom) -> dict:
-    """Metric sums -> reported values (per-token means, perplexity)."""
-    out = {k: v / denom for k, v in sums.items()}
-    out["perplexity"] = jnp.exp(out["nll"])
-    out["tokens"] = denom
-    return out
+PT = Method("pt", "text", loss_fn, denominator)  # continued pre-training: every token of the text trains
+SFT = Method("sft", "lm", loss_fn, denominator)  # the prompt is masked (data.train_on_prompt to train it)

@@ -24,7 +24,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-COLLECTIONS = ("lora", "ia3", "bitfit", "adapter", "prefix", "prompt", "quant")
+from jaxtune.errors import RunError
+
+# The one list of adapter collections: a model applied without them is the base (and the DPO / PPO / GRPO
+# reference). `quant` is not an adapter: it is how a quantised base stores its kernels, so it stays.
+ADAPTER_COLLECTIONS = ("lora", "ia3", "bitfit", "adapter", "prefix", "prompt")
+COLLECTIONS = (*ADAPTER_COLLECTIONS, "quant")  # every collection a decoder reads besides params / cache
+UNMERGEABLE = ("prompt", "prefix", "adapter")  # add tokens or layers: no plain HF checkpoint can hold them
+
+
+def without_adapters(variables: dict) -> dict:
+    """The reference model: the same weights without any adapter collection (no second copy)."""
+    return {k: v for k, v in variables.items() if k not in ADAPTER_COLLECTIONS}
 VIRTUAL_SEGMENT = -1  # segment id of prompt-tuning virtual tokens: visible to every later token of the row
 
 # Dequantisers registered by jaxtune.peft.quant: {format: fn(quant vars, shape, dtype) -> kernel [in, out]}.
@@ -110,7 +121,7 @@ def virtual_tokens(module, x, segment_ids, positions):
     emb = module.variables["prompt"]["embeddings"]  # [P, D]
     b, p = x.shape[0], emb.shape[0]
     if p != module.arch.peft.prompt_tokens:
-        raise ValueError(
+        raise RunError(
             f"prompt/embeddings holds {p} virtual tokens but PeftSpec.prompt_tokens is "
             f"{module.arch.peft.prompt_tokens}: build both with jaxtune.peft.prepare / init"
         )

@@ -13,6 +13,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from jaxtune.errors import RunError
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -81,16 +83,16 @@ class ArchConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise RunError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
         if self.layer_windows and len(self.layer_windows) != self.num_layers:
-            raise ValueError(
+            raise RunError(
                 f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers"
             )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+                raise RunError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
 
     @property
     def compute_dtype(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jaxtune.errors import JaxtuneError
 from jaxtune.models.arch import ArchConfig
 
 ACTIVATIONS = {
@@ -23,7 +24,7 @@ ACTIVATIONS = {
 }
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(JaxtuneError, ValueError):
     pass
 
 

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jaxtune.errors import RunError
 from jaxtune.models.arch import DTYPES, ArchConfig
 from jaxtune.models.families import IGNORED_SUFFIXES, TensorMap, arch_from_hf, tensor_maps
 from jaxtune.models.model import Model, abstract_variables, init_params, param_shardings
@@ -210,7 +211,7 @@ def parse_size(size: str | int) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
     if not m:
-        raise ValueError(f"max_shard_size {size!r}: expected e.g. '5GB', '500MB' or a number of bytes")
+        raise RunError(f"max_shard_size {size!r}: expected e.g. '5GB', '500MB' or a number of bytes")
     return int(float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m.group(2)])
 
 

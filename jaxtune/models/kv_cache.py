@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxtune.errors import RunError
+
 COLLECTION = "cache"
 
 
@@ -41,7 +43,7 @@ def append(module, key, value, positions):
     """Decode: write the new keys/values [B, T, K, H] (positions [B, T]) at slot `index`; return the whole
     cache (keys, values [B, S, K, H], key positions [B, S]) for attention."""
     if not module.is_mutable_collection(COLLECTION):
-        raise ValueError("a decode step updates the KV cache: apply the decoder with mutable=['cache']")
+        raise RunError("a decode step updates the KV cache: apply the decoder with mutable=['cache']")
     c = module.variables[COLLECTION]
     i = c["index"]
     k = jax.lax.dynamic_update_slice_in_dim(c["key"], key.astype(c["key"].dtype), i, axis=1)
@@ -77,4 +79,4 @@ def slots(cache: dict) -> int:
     for path, x in jax.tree_util.tree_flatten_with_path(cache)[0]:
         if path[-1].key == "positions":
             return x.shape[-1]
-    raise ValueError("not a KV cache: no `positions` entry")
+    raise RunError("not a KV cache: no `positions` entry")

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtune.errors import RunError
 from jaxtune.models import adapters_hook, kv_cache
 from jaxtune.models.arch import ArchConfig
 
@@ -73,7 +74,7 @@ def rope_inv_freq(arch: ArchConfig) -> jax.Array:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return jnp.where(medium, smoothed, scaled)
-    raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+    raise RunError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
 def rope_tables(arch: ArchConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:

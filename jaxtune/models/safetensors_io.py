@@ -15,6 +15,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from jaxtune.errors import JaxtuneError
+
 DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -30,7 +32,7 @@ DTYPES = {
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxtuneError, ValueError):
     """A checkpoint directory that cannot be read as the model it claims to be."""
 
 

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtune.errors import RunError
 from jaxtune.models.arch import ArchConfig
 from jaxtune.models.families import TensorMap
 from jaxtune.models.layers import INIT_STD, param_with_axes
@@ -71,11 +72,11 @@ def score_logical_axes(arch: ArchConfig, num_labels: int = NUM_LABELS):
 def token_scores(arch: ArchConfig, params: dict, hidden: jax.Array) -> jax.Array:
     """Per-position scalar [B, T] (fp32) from `params["score"]` (num_labels must be 1)."""
     if "score" not in params:
-        raise KeyError("params hold no `score` head: init one with jaxtune.models.score.init_score, or load a "
+        raise RunError("params hold no `score` head: init one with jaxtune.models.score.init_score, or load a "
                        "*ForSequenceClassification directory (a reward model exported by stage rm)")  # fmt: skip
     num_labels = params["score"]["kernel"].shape[-1]
     if num_labels != NUM_LABELS:
-        raise ValueError(f"score head has {num_labels} labels; a reward or value head has exactly 1")
+        raise RunError(f"score head has {num_labels} labels; a reward or value head has exactly 1")
     return ScoreHead(arch, num_labels).apply({"params": params["score"]}, hidden)[..., 0]
 
 
@@ -113,7 +114,7 @@ def seq_cls_config(hf_config: dict, tokenizer=None, num_labels: int = NUM_LABELS
     cfg = dict(hf_config)
     model_type = cfg.get("model_type")
     if model_type not in NAMES:
-        raise ValueError(f"transformers has no sequence-classification model for model_type {model_type!r}")
+        raise RunError(f"transformers has no sequence-classification model for model_type {model_type!r}")
     cfg["architectures"] = [NAMES[model_type]]
     cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
     cfg["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
@@ -123,7 +124,7 @@ def seq_cls_config(hf_config: dict, tokenizer=None, num_labels: int = NUM_LABELS
     if pad is None:
         pad = eos if not isinstance(eos, list) else eos[0]
     if pad is None:
-        raise ValueError("the reward model needs a pad token id for its config.json (HF pools the last token that "
+        raise RunError("the reward model needs a pad token id for its config.json (HF pools the last token that "
                          "is not pad_token_id): give the tokenizer a pad token")  # fmt: skip
     if pad == eos or (isinstance(eos, list) and pad in eos):
         log.warning(

@@ -5,6 +5,7 @@ from jaxtune.parallel.distributed import (
     host_local_to_global,
     init_distributed,
     is_main_process,
+    place,
     plan_distributed,
     process_batch_slice,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "make_mesh",
     "mesh_from_config",
     "plan_distributed",
+    "place",
     "process_batch_slice",
     "sharding_context",
     "sharding_snapshot",

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtune.errors import RunError
 from jaxtune.parallel.rules import logical_to_mesh_spec, spec_for
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def _int(value: Any, name: str) -> int | None:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer, got {value!r}.") from None
+        raise RunError(f"{name} must be an integer, got {value!r}.") from None
 
 
 def _on_tpu_vm() -> bool:
@@ -84,7 +85,7 @@ def plan_distributed(
     env = os.environ if env is None else env
     mode = getattr(cfg, "distributed", "auto") or "auto"
     if mode not in MODES:
-        raise ValueError(f"parallel.distributed must be one of {', '.join(MODES)}, got {mode!r}.")
+        raise RunError(f"parallel.distributed must be one of {', '.join(MODES)}, got {mode!r}.")
     if mode == "off":
         return DistributedPlan("off", "parallel.distributed=off")
 
@@ -105,16 +106,16 @@ def plan_distributed(
         given = {"coordinator address": coordinator, "number of processes": num, "process id": pid}
         missing = [k for k, v in given.items() if v is None]
         if missing:
-            raise ValueError(
+            raise RunError(
                 f"An explicit multi-process setup needs all of coordinator address, number of processes and "
                 f"process id; missing: {', '.join(missing)}. Set parallel.coordinator_address / num_processes / "
                 f"process_id, or {ENV_COORDINATOR} / {ENV_NUM_PROCESSES} / {ENV_PROCESS_ID}."
             )
         host, _, port = coordinator.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"Coordinator address must look like 'host:port', got {coordinator!r}.")
+            raise RunError(f"Coordinator address must look like 'host:port', got {coordinator!r}.")
         if num < 1 or not 0 <= pid < num:
-            raise ValueError(f"Need 0 <= process id < number of processes, got process id {pid} of {num}.")
+            raise RunError(f"Need 0 <= process id < number of processes, got process id {pid} of {num}.")
         if num == 1 and mode == "auto":
             return DistributedPlan("single", "explicit setup with one process")
         # "deactivate": every value is given; without it jax would still run its SLURM detection and restrict
@@ -181,7 +182,7 @@ def init_distributed(cfg: Any = None) -> DistributedPlan:
             "parallel.distributed=off for a single process. init_distributed must run before any jax "
             "computation or jax.devices() call."
         )
-        raise RuntimeError(
+        raise RunError(
             f"jax.distributed.initialize failed ({plan.source}: {plan.reason}): {e}\n{hint}"
         ) from e
     log.info(
@@ -213,7 +214,7 @@ def process_batch_slice(global_batch_size: int, mesh: Mesh | None = None) -> tup
     n, i = jax.process_count(), jax.process_index()
     if mesh is None:
         if global_batch_size % n:
-            raise ValueError(
+            raise RunError(
                 f"Global batch size {global_batch_size} must be divisible by the {n} processes so each reads "
                 "an equal slice."
             )
@@ -221,7 +222,7 @@ def process_batch_slice(global_batch_size: int, mesh: Mesh | None = None) -> tup
         return i * rows, (i + 1) * rows
     spec = spec_for((global_batch_size,), ("batch",), mesh)
     if spec != batch_spec(mesh):
-        raise ValueError(
+        raise RunError(
             f"Global batch size {global_batch_size} must be divisible by the batch-parallel devices "
             f"(mesh {dict(mesh.shape)}: data × fsdp)."
         )
@@ -231,7 +232,7 @@ def process_batch_slice(global_batch_size: int, mesh: Mesh | None = None) -> tup
     )
     start, stop = spans[0][0], max(end for _, end in spans)
     if sum(end - begin for begin, end in spans) != stop - start:
-        raise ValueError(
+        raise RunError(
             f"This process's devices hold non-contiguous batch rows {spans}; build the mesh with make_mesh so "
             "each process owns a contiguous block of the data axes."
         )
@@ -249,3 +250,22 @@ def host_local_to_global(array_tree: Any, mesh: Mesh, spec: PartitionSpec | None
         return jax.make_array_from_process_local_data(sharding, np.asarray(local))
 
     return jax.tree.map(one, array_tree)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """`tree`'s arrays in `shardings` (no copy for a leaf already there).
+
+    A host-local value on one of several processes (e.g. freshly initialised LoRA factors, identical on every
+    process) is turned into a global array from each process's own slices; anything else is `device_put`.
+    """
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        fully_local = not isinstance(x, jax.Array) or x.is_fully_addressable
+        if jax.process_count() > 1 and fully_local:
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(one, tree, shardings)

@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from jaxtune.errors import RunError
 from jaxtune.parallel.rules import DATA, FSDP, MESH_AXES, TENSOR
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def _check_size(name: str, value: Any, allow_rest: bool) -> int:
     if ok and (value >= 1 or (allow_rest and value == -1)):
         return int(value)
     rest = " or -1 (use the remaining devices)" if allow_rest else ""
-    raise ValueError(f"parallel.{name} must be a positive integer{rest}, got {value!r}.")
+    raise RunError(f"parallel.{name} must be a positive integer{rest}, got {value!r}.")
 
 
 def _describe(names: Sequence[str], sizes: Sequence[int]) -> str:
@@ -47,27 +48,27 @@ def resolve_sizes(
     dcn_names = [f"dcn_{n}" for n in MESH_AXES]
     n_granules = math.prod(dcn)
     if n_devices % n_granules:
-        raise ValueError(
+        raise RunError(
             f"{_describe(dcn_names, dcn)} makes {n_granules} slices/hosts, but {n_devices} devices{where} do not "
             f"split into {n_granules} equal groups. Make the dcn_* product divide {n_devices}."
         )
     per_granule = n_devices // n_granules
     rest = [i for i, v in enumerate(ici) if v == -1]
     if len(rest) > 1:
-        raise ValueError(
+        raise RunError(
             f"Only one of parallel.data/fsdp/tensor may be -1 (the rest), got {_describe(MESH_AXES, ici)}."
         )
     if rest:
         known = math.prod(v for v in ici if v != -1)
         if per_granule % known:
-            raise ValueError(
+            raise RunError(
                 f"Cannot infer parallel.{MESH_AXES[rest[0]]}=-1: the other sizes multiply to {known}, which does "
                 f"not divide the {per_granule} devices per slice{where}."
             )
         ici = tuple(per_granule // known if v == -1 else v for v in ici)
     if math.prod(ici) != per_granule:
         dcn_part = f" (per slice; {_describe(dcn_names, dcn)})" if n_granules > 1 else ""
-        raise ValueError(
+        raise RunError(
             f"Mesh {_describe(MESH_AXES, ici)}{dcn_part} needs {math.prod(ici) * n_granules} devices, but "
             f"{n_devices} are available{where}. Make the product {per_granule}, or set one of "
             "parallel.data/fsdp/tensor to -1 to use the rest."

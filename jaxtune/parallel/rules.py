@@ -35,6 +35,9 @@ import jax
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtune.errors import RunError
+from jaxtune.treepath import path_str
+
 log = logging.getLogger(__name__)
 
 # Mesh axis names: outermost (slowest interconnect) first, the order of `make_mesh`'s device array.
@@ -78,14 +81,14 @@ def _check_names(logical_axes: LogicalAxes, rules: Rules) -> None:
         if name is not None and name not in known:
             close = difflib.get_close_matches(str(name), known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
+            raise RunError(
                 f"Unknown logical axis {name!r} in {tuple(logical_axes)}.{hint} Known logical axes: "
                 f"{', '.join(known)}. Add a rule to jaxtune/parallel/rules.py RULES if it is a new kind of dim."
             )
     named = [n for n in logical_axes if n is not None]
     dups = sorted({n for n in named if named.count(n) > 1})
     if dups:
-        raise ValueError(
+        raise RunError(
             f"Logical axes {tuple(logical_axes)} name {dups} more than once; a mesh axis can split only one "
             "dimension of an array, so give each dimension its own logical name."
         )
@@ -106,7 +109,7 @@ def explain_spec(
     logical_axes = tuple(logical_axes)
     _check_names(logical_axes, rules)
     if shape is not None and len(logical_axes) > len(shape):
-        raise ValueError(
+        raise RunError(
             f"Logical axes {logical_axes} name {len(logical_axes)} dims but the shape is {shape}."
         )
     # Flax semantics: walk the rules in order; a rule applies if its logical name is present, that dim is still
@@ -192,18 +195,6 @@ def _logical_of(spec: Any) -> tuple[str | None, ...]:
     return tuple(spec)
 
 
-def _path_str(path: Sequence[Any]) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
 def _resolve_tree(abstract_tree: Any, logical_axes_tree: Any, mesh: Any, rules: Rules) -> Any:
     """Tree (structure of the unboxed abstract tree) of (path, shape, logical, spec, notes)."""
     if logical_axes_tree is None:
@@ -213,11 +204,11 @@ def _resolve_tree(abstract_tree: Any, logical_axes_tree: Any, mesh: Any, rules: 
     def one(path, leaf, spec):
         logical = _logical_of(spec)
         shape = tuple(leaf.shape)
-        where = _path_str(path)
+        where = path_str(path)
         try:
             mesh_spec, notes = explain_spec(logical, mesh=mesh, shape=shape, rules=rules)
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise RunError(f"{where}: {e}") from None
         return (where, shape, logical, mesh_spec, notes)
 
     # The abstract tree goes first so its leaves fix the structure: a logical spec at a leaf position is taken

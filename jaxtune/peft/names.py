@@ -17,12 +17,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from jaxtune.errors import JaxtuneError
 from jaxtune.models.arch import ArchConfig
 
 ALL_LINEAR = "all-linear"
 
 
-class PeftConfigError(ValueError):
+class PeftConfigError(JaxtuneError, ValueError):
     """A PEFT setting that cannot be applied to this model (names what and why)."""
 
 

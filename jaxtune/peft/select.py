@@ -29,10 +29,7 @@ from flax import traverse_util
 from jaxtune.peft import names
 from jaxtune.peft.names import PeftConfigError
 from jaxtune.peft.parts import Context, Part
-
-
-def path_str(path: tuple) -> str:
-    return "/".join(str(p) for p in path)
+from jaxtune.treepath import path_str
 
 
 def build_full(ctx: Context) -> Part:

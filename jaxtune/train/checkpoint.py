@@ -15,6 +15,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from jaxtune.errors import CheckpointRestoreError, ExistsError, MissingError
+
 log = logging.getLogger("jaxtune.train")
 
 
@@ -50,17 +52,28 @@ class Checkpointer:
         silently). Restores the data iterator's position too. -> (state, meta, restored step or None)."""
         latest = self.latest_step()
         if policy == "never" and latest is not None:
-            raise FileExistsError(
+            raise ExistsError(
                 f"training.resume=never but {self.dir} already holds checkpoints (latest: step {latest}): set a new "
                 "output_dir, or remove that directory to start over"
             )
         if policy == "must" and latest is None:
-            raise FileNotFoundError(f"training.resume=must but {self.dir} holds no checkpoint")
+            raise MissingError(f"training.resume=must but {self.dir} holds no checkpoint")
         if latest is None:
             return state, meta, None
-        state, data_state, meta = self.restore(latest, state)
-        data_it.set_state(data_state)
-        return state, meta, latest
+        for step in sorted(self.manager.all_steps(), reverse=True):  # the newest one that restores
+            try:
+                restored, data_state, meta = self.restore(step, state)
+            except CheckpointRestoreError as e:
+                log.warning("%s; trying the one before", e)
+                continue
+            data_it.set_state(data_state)
+            if step != latest:
+                log.warning("resuming from step %d: the later checkpoints could not be restored", step)
+            return restored, meta, step
+        raise CheckpointRestoreError(
+            f"no checkpoint in {self.dir} can be restored (steps {sorted(self.manager.all_steps())}): they are damaged "
+            "or were written by a run with another model / method; set a new output_dir to start over"
+        )
 
     def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None) -> None:
         args = ocp.args.Composite(
@@ -72,11 +85,22 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state):
         """-> (state, data_state, meta), the state placed like `abstract_state` (shapes, dtypes, shardings)."""
+        if step not in self.manager.all_steps():
+            raise MissingError(f"{self.dir} holds no checkpoint of step {step} (it has {sorted(self.manager.all_steps())})")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
         )
-        out = self.manager.restore(step, args=args)
+        try:
+            out = self.manager.restore(step, args=args)
+        except Exception as e:  # orbax / tensorstore: a damaged file, or a tree another config wrote
+            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise CheckpointRestoreError(
+                f"{self.dir}/{step}: cannot restore this checkpoint ({type(e).__name__}: {detail}); it is damaged, "
+                "or the run config (model, method, stage) differs from the one that wrote it"
+            ) from e
+        if out.data is None or out.meta is None:
+            raise CheckpointRestoreError(f"{self.dir}/{step}: the checkpoint lacks its data or meta item")
         return out.state, out.data, out.meta
 
     def wait(self) -> None:

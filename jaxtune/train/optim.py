@@ -16,9 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-def path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+from jaxtune.treepath import path_str
 
 
 def tree_paths(tree):

@@ -6,13 +6,15 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from jaxtune.errors import MissingError, RunError
+
 PLOTTED = ("loss", "eval_loss", "eval_accuracy", "lr", "grad_norm")
 
 
 def load_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a jaxtune run directory?)")
+        raise MissingError(f"{run_dir}: no metrics.jsonl (is it a jaxtune run directory?)")
     series = defaultdict(list)
     for line in path.read_text().splitlines():
         if not line.strip():
@@ -34,7 +36,7 @@ def main(run_dir, out=None) -> Path:
     series = load_metrics(Path(run_dir))
     names = [n for n in PLOTTED if series.get(n)]
     if not names:
-        raise ValueError(f"{run_dir}/metrics.jsonl has none of {PLOTTED}")
+        raise RunError(f"{run_dir}/metrics.jsonl has none of {PLOTTED}")
     fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.6 * len(names)), sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         steps, values = zip(*sorted(series[name]))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from jaxtune.config import dump_yaml
+from jaxtune.errors import RunError
 
 log = logging.getLogger("jaxtune.train")
 
@@ -103,10 +104,28 @@ def check_attention_impl(impl: str) -> None:
     import jax
 
     if impl == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(
+        raise RunError(
             f"model.attention_impl=cudnn needs an NVIDIA GPU with cuDNN, but JAX's backend here is "
             f"{jax.default_backend()!r}: set model.attention_impl=xla on this machine."
         )
+
+
+def _runtime(cfg, impl=None) -> dict:
+    m = cfg.model
+    return dict(dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=impl or m.attention_impl, remat=m.remat,
+                scan_layers=m.scan_layers)  # fmt: skip
+
+
+def _random_init(cfg, tokenizer) -> dict:
+    """`model.random_init` with the vocabulary of the configured tokenizer unless it names one."""
+    init = dict(cfg.model.random_init)
+    if tokenizer is not None and "vocab_size" not in init:
+        init["vocab_size"] = len(tokenizer)
+    return init
+
+
+def _no_model() -> RunError:
+    return RunError("model: give `model.path` (a local Hugging Face directory) or `model.random_init`")
 
 
 def build_model(cfg, mesh=None):
@@ -116,22 +135,18 @@ def build_model(cfg, mesh=None):
 
     m = cfg.model
     check_attention_impl(m.attention_impl)
-    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl, remat=m.remat,
-                   scan_layers=m.scan_layers)  # fmt: skip
     tokenizer = load_tokenizer(cfg)
     if m.path:
-        model = hf.load_model(m.path, tokenizer=tokenizer is None, mesh=mesh, **runtime)
+        model = hf.load_model(m.path, tokenizer=tokenizer is None, mesh=mesh, **_runtime(cfg))
         if tokenizer is not None:
             model.tokenizer = tokenizer
     elif m.random_init:
-        init = dict(m.random_init)
-        if tokenizer is not None and "vocab_size" not in init:
-            init["vocab_size"] = len(tokenizer)
-        model = hf.from_hf_config(init, rng=cfg.seed, tokenizer=tokenizer, mesh=mesh, **runtime)
+        model = hf.from_hf_config(_random_init(cfg, tokenizer), rng=cfg.seed, tokenizer=tokenizer, mesh=mesh,
+                                  **_runtime(cfg))  # fmt: skip
     else:
-        raise ValueError("model: give `model.path` (a local Hugging Face directory) or `model.random_init`")
+        raise _no_model()
     if model.tokenizer is None:
-        raise ValueError(f"model: no tokenizer found for {m.path or 'random_init'}; set `model.tokenizer`")
+        raise RunError(f"model: no tokenizer found for {m.path or 'random_init'}; set `model.tokenizer`")
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         # keep the exported config's special ids in step with the tokenizer the model was trained with
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
@@ -139,3 +154,36 @@ def build_model(cfg, mesh=None):
             if value is not None:
                 model.hf_config[key] = value
     return model
+
+
+def abstract_model(cfg):
+    """`build_model` as shapes only: the architecture from config.json / `model.random_init` (with the
+    tokenizer's vocabulary, as training has it), parameters as `ShapeDtypeStruct`s; no weight is read.
+    Traced with XLA's attention where cuDNN is absent (shapes do not depend on the kernel)."""
+    import jax
+    from transformers import AutoConfig
+
+    from jaxtune.models import hf
+    from jaxtune.models.families import arch_from_hf
+    from jaxtune.models.model import Model, init_params
+
+    m = cfg.model
+    impl = m.attention_impl if jax.default_backend() == "gpu" else "xla"
+    tokenizer = load_tokenizer(cfg)
+    if m.path:
+        hf_config = hf.read_hf_config(m.path)
+        if tokenizer is None:
+            try:
+                tokenizer = hf.load_tokenizer(m.path)
+            except Exception:  # shapes need no tokenizer; a missing one is training's error to report
+                tokenizer = None
+    elif m.random_init:
+        init = _random_init(cfg, tokenizer)
+        if "model_type" not in init:
+            raise RunError("model.random_init needs a `model_type` (e.g. llama, qwen2, gpt2)")
+        hf_config = AutoConfig.for_model(init.pop("model_type"), **init).to_dict()
+    else:
+        raise _no_model()
+    arch = arch_from_hf(hf_config, **_runtime(cfg, impl))
+    params = jax.eval_shape(lambda: init_params(arch, 0))
+    return Model(arch=arch, params=params, tokenizer=tokenizer, hf_config=hf_config, path=m.path)

@@ -32,10 +32,12 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtune.errors import RunError
 from jaxtune.models.model import abstract_variables
 from jaxtune.parallel.distributed import host_local_to_global, process_batch_slice
 from jaxtune.parallel.rules import logical_to_mesh_spec, tree_shardings
 from jaxtune.train.state import TrainState
+from jaxtune.treepath import path_keys
 
 log = logging.getLogger("jaxtune.train")
 LARGE_REPLICATED = 2**20  # elements: a replicated leaf this big costs real memory on every device, so warn
@@ -49,10 +51,6 @@ ADAPTER_AXES = {
     ("ia3", "scale_in"): ("in",),
     ("bitfit", "bias"): ("out",),
 }
-
-
-def _keys(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def base_logical_axes(arch) -> dict[tuple[str, ...], tuple]:
@@ -86,7 +84,7 @@ def logical_axes(collections: dict, arch) -> dict:
     unknown: list[tuple[str, int]] = []
 
     def one(path, leaf):
-        keys = _keys(path)
+        keys = path_keys(path)
         collection, rest = keys[0], keys[1:]
         if rest in base and len(base[rest]) == np.ndim(leaf):
             return PartitionSpec(*base[rest])
@@ -163,25 +161,6 @@ def run_shardings(mesh: Mesh, arch, trainable: dict, frozen: dict, optimizer) ->
     return RunShardings(mesh, state, collection_shardings(frozen, arch, mesh), batch_sharding(mesh))
 
 
-def place(tree: Any, shardings: Any) -> Any:
-    """`tree`'s arrays in `shardings` (no copy for a leaf already there).
-
-    A host-local value on one of several processes (e.g. freshly initialised LoRA factors, identical on every
-    process) is turned into a global array from each process's own slices; anything else is `device_put`.
-    """
-
-    def one(x, sharding):
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
-        fully_local = not isinstance(x, jax.Array) or x.is_fully_addressable
-        if jax.process_count() > 1 and fully_local:
-            host = np.asarray(x)
-            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-        return jax.device_put(x, sharding)
-
-    return jax.tree.map(one, tree, shardings)
-
-
 def global_batch(batch: Any, mesh: Mesh) -> Any:
     """A host batch (every process builds the same global batch) -> global arrays split `batch -> (data, fsdp)`.
 
@@ -217,7 +196,7 @@ def check_batch_size(size: int, mesh: Mesh, field: str) -> None:
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     ways = int(np.prod([mesh.shape[a] for a in axes]))
     if size % ways:
-        raise ValueError(
+        raise RunError(
             f"{field}={size} does not split over the {ways} batch-parallel devices of the mesh "
             f"({' × '.join(f'{a}={mesh.shape[a]}' for a in axes)}): make it a multiple of {ways}, or change "
             "parallel.data / parallel.fsdp."

@@ -6,7 +6,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxtune.peft.prompts import materialize
+from jaxtune.parallel.distributed import place
 
 
 @flax.struct.dataclass
@@ -28,8 +28,6 @@ def create(trainable: dict, optimizer, seed: int, shardings: TrainState | None =
             opt_state=optimizer.init(trainable),
             rng=jax.random.PRNGKey(seed),
         )
-    from jaxtune.train.sharding import place
-
     trainable = place(trainable, shardings.trainable)
     init = jax.jit(optimizer.init, in_shardings=(shardings.trainable,), out_shardings=shardings.opt_state)
     scalars = jax.jit(
@@ -37,22 +35,3 @@ def create(trainable: dict, optimizer, seed: int, shardings: TrainState | None =
     )
     step, rng = scalars()
     return TrainState(step=step, trainable=trainable, opt_state=init(trainable), rng=rng)
-
-
-def merge_variables(frozen: dict, trainable: dict) -> dict:
-    """Deep-merge two collection dicts into the variables `Decoder.apply` takes.
-
-    The two hold disjoint leaves: {"params": base-minus-trainable} + {"params": trainable-subset, "lora": ...}.
-    """
-
-    def merge(a, b):
-        if not isinstance(a, dict) or not isinstance(b, dict):
-            raise ValueError("frozen and trainable variables overlap at a leaf")
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = merge(out[k], v) if k in out else v
-        return out
-
-    # P-tuning / prefix-projection encoders -> the virtual tokens / prefixes the model reads, computed here so
-    # that gradients reach the encoder parameters (identity for every other method)
-    return materialize(merge(frozen, trainable))

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxtune.parallel.rules import constrain
-from jaxtune.train.state import TrainState, merge_variables
+from jaxtune.peft.plan import merge_variables
+from jaxtune.train.state import TrainState
 
 
 def micro_batches(batch, accum: int):

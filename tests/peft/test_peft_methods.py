@@ -23,9 +23,8 @@ from jaxtune import peft
 from jaxtune.methods import sft
 from jaxtune.methods.forward import LM
 from jaxtune.models.model import Adapters, Model
-from jaxtune.peft import names, quant
+from jaxtune.peft import merge_variables, names, quant
 from jaxtune.train import optim
-from jaxtune.train.state import merge_variables
 
 V = 3  # virtual tokens
 METHODS = {

@@ -14,7 +14,7 @@ from peft_helpers import FAST, token_batch
 from jaxtune import peft
 from jaxtune.data.batch import TokenBatch
 from jaxtune.methods.forward import LM
-from jaxtune.train.state import merge_variables
+from jaxtune.peft import merge_variables
 
 # P-tuning reaches the model as prompt tuning's embeddings (its encoder runs before the decoder), and LoRA + prefix
 # as prefix tuning's keys / values: the decoder paths below cover them.

@@ -60,20 +60,37 @@ class Checkpointer:
             raise MissingError(f"training.resume=must but {self.dir} holds no checkpoint")
         if latest is None:
             return state, meta, None
+        damaged = []
         for step in sorted(self.manager.all_steps(), reverse=True):  # the newest one that restores
             try:
                 restored, data_state, meta = self.restore(step, state)
             except CheckpointRestoreError as e:
                 log.warning("%s; trying the one before", e)
+                damaged.append(step)
                 continue
             data_it.set_state(data_state)
-            if step != latest:
+            if damaged:
+                self._set_aside(damaged)
                 log.warning("resuming from step %d: the later checkpoints could not be restored", step)
             return restored, meta, step
         raise CheckpointRestoreError(
             f"no checkpoint in {self.dir} can be restored (steps {sorted(self.manager.all_steps())}): they are damaged "
             "or were written by a run with another model / method; set a new output_dir to start over"
         )
+
+    def _set_aside(self, steps) -> None:
+        """Move unrestorable checkpoints to `checkpoints.damaged/` (kept for a post-mortem, never deleted), so
+        the resumed run can save those steps again."""
+        aside = self.dir.parent / (self.dir.name + ".damaged")
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            target = aside / str(step)
+            n = 1
+            while target.exists():
+                target, n = aside / f"{step}.{n}", n + 1
+            (self.dir / str(step)).rename(target)
+            log.warning("moved the damaged checkpoint %s/%d to %s", self.dir, step, target)
+        self.manager.reload()
 
     def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None) -> None:
         args = ocp.args.Composite(

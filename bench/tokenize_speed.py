@@ -71,7 +71,7 @@ def main() -> None:
     t0 = time.perf_counter()
     records = data.load(args.data)
     load_s = time.perf_counter() - t0
-    enc = Encoder(tok, "sft", template=args.template, cutoff_len=4096)
+    enc = Encoder(tok, "lm", template=args.template, cutoff_len=4096)
     t0 = time.perf_counter()
     examples = [ex for r in records for ex in enc(r)]
     encode_s = time.perf_counter() - t0

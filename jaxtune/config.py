@@ -96,6 +96,7 @@ class DataConfig:
     format: str | None = None  # default format for sources that give none; None: auto-detect
     template: str | None = None  # chat template name; None: the tokenizer's own
     cutoff_len: int = 1024  # tokens per sequence (longer examples are truncated)
+    overlength: Literal["truncate", "drop"] = "truncate"  # longer than cutoff_len: cut (text: split), or drop
     packing: bool = False  # several documents per row, separated by segment ids
     train_on_prompt: bool = False  # also compute the loss on prompt tokens
     mask_history: bool = False  # loss on the last assistant turn only

@@ -3,8 +3,8 @@
 Public API (see `../shared/DESIGN.md`):
     records = jaxtune.data.load(source, dataset_dir=None, format=None)
     ids, labels = jaxtune.data.encode(record, tokenizer, template=None)
-    train_it, eval_it = jaxtune.data.pipeline.build(data_cfg, tokenizer, batch_size, stage)
-    jaxtune.data.inspect.run(data_cfg, tokenizer)
+    train_it, eval_it = jaxtune.data.pipeline.build(data_cfg, tokenizer, batch_size, kind)  # items.DATA_KINDS
+    jaxtune.data.inspect.run(data_cfg, tokenizer, kind)
 """
 
 from jaxtune.data import inspect, pipeline

@@ -132,7 +132,7 @@ def efficiency(batch: TokenBatch) -> float:
 
 
 EMPTY = Example(np.zeros(0, np.int32), np.zeros(0, np.float32), 0)
-KINDS = ("lm", "pair", "kto", "prompt")  # pt/sft, rm/dpo, kto, ppo/grpo
+KINDS = ("lm", "pair", "kto", "prompt")  # batch kinds; the data kinds text and lm both make "lm" batches
 
 
 def item_len(kind: str, item) -> int:

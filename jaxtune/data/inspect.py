@@ -1,20 +1,24 @@
 """`jaxtune data inspect`: what the pipeline will feed the model, before spending accelerator time on it.
 
-`run(data_cfg, tokenizer, stage)` prints counts (loaded, kept, filtered and skipped by reason, truncated), a
+`run(data_cfg, tokenizer, kind)` prints counts (loaded, kept, filtered and skipped by reason, truncated), a
 histogram of token lengths, packing efficiency, and a few rendered samples with the trained tokens
 highlighted (green; prompt tokens dim) so a wrong template or label mask is visible at a glance. It returns
-the same facts as a dict, for tests and scripts.
+the same facts as a dict, for tests and scripts. `kind` is a data kind (`items.DATA_KINDS`): the one the
+stage's method consumes.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
+from jaxtune.config import TrainingConfig
 from jaxtune.data import pipeline
 from jaxtune.data.batching import item_len
 from jaxtune.data.order import MemoryOrder
+from jaxtune.errors import MissingError, RunError
 
 _GREEN, _DIM, _RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
 
@@ -32,19 +36,30 @@ def _examples(kind: str, item) -> list[tuple[str, object]]:
 
 def highlight(ids, weights, tokenizer, color: bool = True) -> str:
     """Decode `ids`, trained runs in green (or [[...]] without colour), the rest dim."""
-    out, i = [], 0
     trained = np.asarray(weights) > 0
-    while i < len(ids):
-        j = i
-        while j < len(ids) and trained[j] == trained[i]:
-            j += 1
-        text = tokenizer.decode([int(t) for t in ids[i:j]])
+    bounds = [0] + [j for j in range(1, len(ids)) if trained[j] != trained[j - 1]] + [len(ids)]
+    out = []
+    for i, text in zip(bounds[:-1], _span_texts(ids, bounds, tokenizer)):
         if color:
             out.append((_GREEN if trained[i] else _DIM) + text + _RESET)
         else:
             out.append(f"[[{text}]]" if trained[i] else text)
-        i = j
     return "".join(out)
+
+
+def _span_texts(ids, bounds, tokenizer) -> list[str]:
+    """The text of each run ids[bounds[k]:bounds[k + 1]] as it reads inside the whole sequence.
+
+    A run decoded alone can read differently: SentencePiece-style (Metaspace) decoders drop the space that
+    starts a piece at the start of a text, and byte-level BPE may split a character's bytes. So each run is
+    the difference of two decoded prefixes; where that difference is not a clean suffix, the run alone."""
+    ids = [int(t) for t in ids]
+    texts, before = [], ""
+    for i, j in zip(bounds[:-1], bounds[1:]):
+        upto = tokenizer.decode(ids[:j])
+        texts.append(upto[len(before) :] if upto.startswith(before) else tokenizer.decode(ids[i:j]))
+        before = upto
+    return texts
 
 
 def histogram(lengths, cutoff_len: int, width: int = 40) -> list[str]:
@@ -61,10 +76,10 @@ def histogram(lengths, cutoff_len: int, width: int = 40) -> list[str]:
 def run(
     data_cfg,
     tokenizer,
-    stage: str = "sft",
+    kind: str,
     *,
     num_samples: int = 3,
-    batch_size: int = 8,
+    batch_size: int = TrainingConfig.batch_size,
     out=None,
     color=None,
     seed: int | None = None,
@@ -73,16 +88,15 @@ def run(
     out = out or sys.stdout
     color = out.isatty() if color is None and hasattr(out, "isatty") else bool(color)
     kw = {} if seed is None else {"seed": seed}
-    train_it, eval_it = pipeline.build(data_cfg, tokenizer, batch_size, stage, **kw)
-    order, kind = train_it.order, train_it.kind
+    train_it, eval_it = pipeline.build(data_cfg, tokenizer, batch_size, kind, **kw)
+    order, collate = train_it.order, train_it.kind
     if isinstance(order, MemoryOrder):
         items = [it for ds in order.datasets for it in ds]
     else:  # streaming: the first window is the sample
         items = order.window(0, 0)[0]
-    lengths = [item_len(kind, it) for it in items]
-    cutoff = getattr(data_cfg, "cutoff_len", None) or 1024
+    lengths = [item_len(collate, it) for it in items]
     report = train_it.report
-    print(f"== data for stage '{stage}' ==", file=out)
+    print(f"== '{kind}' data ==", file=out)
     for line in report.lines():
         print(line, file=out)
     if eval_it is not None:
@@ -90,7 +104,7 @@ def run(
     print(f"examples: {len(items)}; tokens: {sum(lengths)}", file=out)
     if lengths:
         print(f"token lengths: min {min(lengths)}, mean {np.mean(lengths):.1f}, max {max(lengths)}", file=out)
-        for line in histogram(lengths, cutoff):
+        for line in histogram(lengths, train_it.seq_len):
             print(line, file=out)
     steps = train_it.steps_per_epoch() if items else 0
     eff = None
@@ -101,7 +115,7 @@ def run(
     print(f"steps per epoch at batch size {batch_size}: {steps}", file=out)
     for n, item in enumerate(items[:num_samples]):
         print(f"\n-- sample {n} --", file=out)
-        for label, ex in _examples(kind, item):
+        for label, ex in _examples(collate, item):
             if label:
                 print(f"[{label}]", file=out)
             if ex is None:  # prompts: nothing trained
@@ -121,25 +135,47 @@ def run(
 
 
 def _tokenizer(model_cfg):
+    """The tokenizer training uses: `model.tokenizer`, else the one in the `model.path` directory."""
+    field = "model.tokenizer" if model_cfg.tokenizer else "model.path"
     name = model_cfg.tokenizer or model_cfg.path
     if name == "builtin:chars":
         from jaxtune import demo
 
         return demo.char_tokenizer()
     if not name:
-        raise ValueError("data inspect needs a tokenizer: set model.tokenizer or model.path")
+        raise RunError(
+            "data inspect needs a tokenizer: set model.tokenizer, or model.path to a model directory"
+        )
+    if field == "model.path" and not Path(name).is_dir():
+        raise MissingError(
+            f"model.path {name!r} is not a directory; data inspect reads the tokenizer from it: set "
+            "model.path to a local Hugging Face model directory (or model.tokenizer to a tokenizer directory)"
+        )
     from transformers import AutoTokenizer  # lazily: heavy
 
-    return AutoTokenizer.from_pretrained(name)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MissingError(
+            f"{field} {name!r}: no tokenizer loads from it ({reason}); set {field} to a directory holding "
+            "tokenizer.json or tokenizer_config.json"
+        ) from None
 
 
-def main(cfg) -> dict:
-    """`jaxtune data inspect CONFIG`: `cfg` is a RunConfig; its model gives the tokenizer."""
+# until the method records land: each stage's data kind (the CLI will pass the method record's data_kind)
+_STAGE_KIND = {"pt": "text", "sft": "lm", "rm": "pair", "dpo": "pair", "kto": "kto", "ppo": "prompt", "grpo": "prompt"}  # fmt: skip
+
+
+def main(cfg, kind: str | None = None) -> dict:
+    """`jaxtune data inspect CONFIG`: `cfg` is a RunConfig (its model gives the tokenizer); `kind` the data
+    kind of its stage's method."""
+    kind = kind or _STAGE_KIND[cfg.stage]
+    tokenizer = _tokenizer(cfg.model)  # first: a wrong model path is reported before any data is read
     data_cfg = cfg.data
     if "builtin:demo" in tuple(data_cfg.train):  # the demo config's generated data, as `train` makes it
         import dataclasses
         import tempfile
-        from pathlib import Path
 
         from jaxtune import demo
 
@@ -148,4 +184,4 @@ def main(cfg) -> dict:
         )
         train = tuple(str(train_file) if s == "builtin:demo" else s for s in data_cfg.train)
         data_cfg = dataclasses.replace(data_cfg, train=train, eval=tuple(data_cfg.eval) or (str(eval_file),))
-    return run(data_cfg, _tokenizer(cfg.model), cfg.stage, batch_size=cfg.training.batch_size, seed=cfg.seed)
+    return run(data_cfg, tokenizer, kind, batch_size=cfg.training.batch_size, seed=cfg.seed)

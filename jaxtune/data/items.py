@@ -1,18 +1,21 @@
-"""Records -> stage items, with truncation and length filters counted in the `Report`.
+"""Records -> items of one data kind, with truncation and length filters counted in the `Report`.
 
-| stage            | batch kind | item                                   |
-|------------------|------------|----------------------------------------|
-| pt               | lm         | Example (all tokens trained; long documents split into cutoff_len rows) |
-| sft              | lm         | Example (prompt masked; truncated prompt-first)  |
-| rm, dpo, orpo, simpo | pair   | (chosen Example, rejected Example) sharing the prompt budget |
-| kto              | kto        | (Example, label)                      |
-| ppo, grpo        | prompt     | (prompt ids, reference answer or None) |
+The caller names the kind (a method's `data_kind`); the data layer knows nothing of stages.
+
+| data kind | batch  | item                                                                | used by   |
+|-----------|--------|---------------------------------------------------------------------|-----------|
+| text      | lm     | Example (every token trained; long documents split into rows)      | pt        |
+| lm        | lm     | Example (prompt masked; truncated prompt-first)                     | sft       |
+| pair      | pair   | (chosen Example, rejected Example) sharing the prompt budget        | rm, dpo   |
+| kto       | kto    | (Example, label)                                                    | kto       |
+| prompt    | prompt | (prompt ids, reference answer or None)                              | ppo, grpo |
 """
 
 from __future__ import annotations
 
 import logging
 
+from jaxtune.config import DataConfig
 from jaxtune.data import prepare
 from jaxtune.data.batching import chunk, truncate
 from jaxtune.data.errors import DataError, ErrorPolicy
@@ -21,23 +24,23 @@ from jaxtune.data.tokenize import encode_example, encode_pair, encode_prompt
 
 log = logging.getLogger("jaxtune.data")
 
-STAGE_KIND = {
-    "pt": "lm",
-    "sft": "lm",
-    "rm": "pair",
-    "dpo": "pair",
-    "orpo": "pair",
-    "simpo": "pair",
-    "kto": "kto",
-    "ppo": "prompt",
-    "grpo": "prompt",
-}
+DATA_KINDS = ("text", "lm", "pair", "kto", "prompt")
+_DEFAULTS = DataConfig()  # the only home of the defaults below
 
 
-def kind_of(stage: str) -> str:
-    if stage not in STAGE_KIND:
-        raise ValueError(f"unknown stage '{stage}' (one of {', '.join(STAGE_KIND)})")
-    return STAGE_KIND[stage]
+def check_kind(kind: str) -> str:
+    """`kind` if it is one of DATA_KINDS; a ValueError naming them otherwise."""
+    if kind not in DATA_KINDS:
+        kinds = ", ".join(DATA_KINDS)
+        raise ValueError(
+            f"unknown data kind {kind!r} (one of {kinds}; a stage's kind is its method's data_kind)"
+        )
+    return kind
+
+
+def batch_kind(kind: str) -> str:
+    """The batch kind a data kind is collated into: pre-training text makes the same TokenBatch as SFT."""
+    return "lm" if check_kind(kind) == "text" else kind
 
 
 class Encoder:
@@ -46,20 +49,20 @@ class Encoder:
     def __init__(
         self,
         tokenizer,
-        stage: str,
+        kind: str,
         *,
-        template=None,
-        cutoff_len: int = 1024,
-        train_on_prompt: bool = False,
-        mask_history: bool = False,
-        min_length: int | None = None,
-        overlength: str = "truncate",
+        template: str | None = _DEFAULTS.template,
+        cutoff_len: int = _DEFAULTS.cutoff_len,
+        train_on_prompt: bool = _DEFAULTS.train_on_prompt,
+        mask_history: bool = _DEFAULTS.mask_history,
+        min_length: int | None = _DEFAULTS.min_length,
+        overlength: str = _DEFAULTS.overlength,
         policy: ErrorPolicy | None = None,
         report: prepare.Report | None = None,
     ):
         if overlength not in ("truncate", "drop"):
             raise ValueError(f"overlength must be 'truncate' or 'drop', got {overlength!r}")
-        self.tokenizer, self.stage, self.kind = tokenizer, stage, kind_of(stage)
+        self.tokenizer, self.kind = tokenizer, check_kind(kind)
         self.template, self.cutoff_len = template, int(cutoff_len)
         self.opts = {"train_on_prompt": train_on_prompt, "mask_history": mask_history}
         self.min_length, self.overlength = min_length or 0, overlength
@@ -87,16 +90,16 @@ class Encoder:
 
     def _wrong(self, record, wanted: str) -> DataError:
         return DataError(
-            f"a {type(record).__name__} record cannot train stage '{self.stage}' (needs {wanted})",
+            f"a {type(record).__name__} record cannot make a '{self.kind}' item (needs {wanted})",
             reason="wrong record type",
             **where(record),
         )
 
     def _items(self, record) -> list:
-        if self.kind == "lm":
+        if self.kind in ("text", "lm"):
             if isinstance(record, Preference):
                 raise self._wrong(record, "text or conversations")
-            pt = self.stage == "pt"
+            pt = self.kind == "text"
             opts = {**self.opts, "train_on_prompt": pt or self.opts["train_on_prompt"]}
             ex = encode_example(record, self.tokenizer, self.template, **opts)
             if not self._fits(len(ex)):

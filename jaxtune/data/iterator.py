@@ -37,7 +37,7 @@ class BatchIterator:
         drop_last: bool = True,
     ):
         if packing and (kind != "lm" or not seq_len):
-            raise ValueError("packing needs an LM stage (pt/sft) and a seq_len (cutoff_len)")
+            raise ValueError("packing needs 'lm' batches (text or lm data) and a seq_len (cutoff_len)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.order, self.kind, self.batch_size = order, kind, batch_size

@@ -1,8 +1,10 @@
 """The whole data pipeline: sources -> records -> clean -> split -> items -> resumable batch iterators.
 
-`build(data_cfg, tokenizer, batch_size, stage)` reads a config object by attribute (duck-typed: jaxtune's
-`DataConfig` or anything with the same fields) and calls `iterators(...)`, the config-free function with one
-keyword per field. Its keyword defaults mirror `DataConfig`'s, for use without a config.
+`build(data_cfg, tokenizer, batch_size, kind)` reads the `DataConfig` fields of a config object by attribute
+(duck-typed: jaxtune's `DataConfig` or anything with some of its fields) and calls `iterators(...)`, the
+config-free function with one keyword per `DataConfig` field; a field not given takes `DataConfig`'s default
+(config.py is the only home of defaults). `kind` is the data kind the caller's method consumes
+(`items.DATA_KINDS`: text, lm, pair, kto, prompt), never a stage name.
 
 In memory (default), every source is loaded, cleaned and tokenised up front: dedup and exact epoch lengths
 need the whole dataset. With `streaming=True` records are read, cleaned and tokenised window by window, so
@@ -11,27 +13,26 @@ the data never has to fit in memory (dedup then is not available, and a validati
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import itertools
 import logging
 from typing import NamedTuple
 
 import numpy as np
 
+from jaxtune.config import DataConfig
 from jaxtune.data import prepare
 from jaxtune.data.errors import ErrorPolicy
-from jaxtune.data.items import Encoder, kind_of
+from jaxtune.data.items import Encoder, batch_kind
 from jaxtune.data.iterator import BatchIterator
 from jaxtune.data.loading import iter_records, load, resolve
 from jaxtune.data.order import MemoryOrder, StreamOrder
+from jaxtune.errors import RunError
 
 log = logging.getLogger("jaxtune.data")
 
-# DataConfig fields read by `build` (those absent on the object keep `iterators`' defaults).
-FIELDS = (
-    "train", "eval", "dataset_dir", "format", "template", "cutoff_len", "packing", "train_on_prompt",
-    "mask_history", "val_size", "shuffle", "seed", "dedup", "streaming", "on_error", "min_length",
-    "bucket_multiple", "overlength", "max_samples", "seed",
-)  # fmt: skip
+FIELDS = tuple(f.name for f in dataclasses.fields(DataConfig))  # what `build` reads from a config object
 
 
 class Iterators(NamedTuple):
@@ -39,14 +40,26 @@ class Iterators(NamedTuple):
     eval: BatchIterator | None
 
 
-def build(data_cfg, tokenizer, batch_size: int, stage: str, **kw) -> Iterators:
-    """Train and eval iterators from a DataConfig-like object.
+def build(data_cfg, tokenizer, batch_size: int, kind: str, **kw) -> Iterators:
+    """Train and eval iterators of data kind `kind` from a DataConfig-like object.
 
-    `kw` overrides or adds keywords of `iterators`: seed (the run's), eval_batch_size, epochs, window.
+    Its `DataConfig` fields are read (one that is absent or None keeps `DataConfig`'s default); `kw` adds the
+    run-level keywords of `iterators` (seed: the run's, eval_batch_size, epochs, window) or overrides a field.
     """
     fields = {name: getattr(data_cfg, name) for name in FIELDS if getattr(data_cfg, name, None) is not None}
-    fields.update(kw)  # explicit keywords win, e.g. seed=run_cfg.seed (DataConfig has no seed of its own)
-    return iterators(tokenizer=tokenizer, batch_size=batch_size, stage=stage, **fields)
+    fields.update(kw)
+    train = fields.pop("train", ())
+    return iterators(train, tokenizer, batch_size, kind, **fields)
+
+
+def data_config(train, **fields) -> DataConfig:
+    """`DataConfig(train=train, **fields)`; a TypeError naming the closest field for an unknown keyword."""
+    for name in fields:
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (DataConfig fields: {', '.join(FIELDS)})"
+            raise TypeError(f"iterators() got an unknown keyword '{name}'{hint}")
+    return DataConfig(train=train, **fields)
 
 
 def _sources(spec, dataset_dir, format):
@@ -59,7 +72,7 @@ def _sources(spec, dataset_dir, format):
 def _ratios(sources) -> list[float] | None:
     given = [s.ratio is not None for s in sources]
     if any(given) and not all(given):
-        raise ValueError("give every train source a ratio, or none (then they are concatenated)")
+        raise RunError("give every train source a ratio, or none (then they are concatenated)")
     return [float(s.ratio) for s in sources] if all(given) and len(sources) > 1 else None
 
 
@@ -67,55 +80,52 @@ def iterators(
     train,
     tokenizer,
     batch_size: int,
-    stage: str = "sft",
+    kind: str,
     *,
-    eval=None,
-    dataset_dir=None,
-    format=None,
-    template=None,
-    cutoff_len: int = 1024,
-    packing: bool = False,
-    train_on_prompt: bool = False,
-    mask_history: bool = False,
-    val_size: float = 0.0,
-    shuffle: bool = True,
     seed: int = 0,
-    dedup: str = "none",
-    streaming: bool = False,
-    on_error: str = "raise",
-    min_length: int | None = None,
-    bucket_multiple: int = 64,
-    overlength: str = "truncate",
-    max_samples: int | None = None,
     eval_batch_size: int | None = None,
     epochs: int | None = None,
     window: int = 4096,
+    **fields,
 ) -> Iterators:
-    kind = kind_of(stage)
-    if packing and kind != "lm":
-        raise ValueError(f"packing is for pt/sft; stage '{stage}' pairs or labels whole examples")
-    policy = ErrorPolicy(on_error)
+    """Train and eval iterators of data kind `kind` over the source(s) `train`.
+
+    `fields`: any other `DataConfig` field (eval, dataset_dir, format, template, cutoff_len, packing, ...);
+    those not given take `DataConfig`'s defaults. The rest are run-level: `seed` (the run's: shuffling, splits,
+    max_samples subsets), `eval_batch_size` (default: batch_size), `epochs` (None: endless), `window` (records
+    shuffled together).
+    """
+    d = data_config(train, **fields)
+    collate = batch_kind(kind)
+    if d.packing and collate != "lm":
+        raise RunError(
+            f"data.packing is for 'text' and 'lm' data (pt, sft); '{kind}' data keeps whole examples "
+            "(pairs, labels or prompts): set data.packing=false"
+        )
+    cutoff_len, dedup, max_samples, shuffle = d.cutoff_len, d.dedup, d.max_samples, d.shuffle
+    policy = ErrorPolicy(d.on_error)
 
     def encoder(report):
         return Encoder(
-            tokenizer, stage, template=template, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt,
-            mask_history=mask_history, min_length=min_length, overlength=overlength, policy=policy, report=report,
+            tokenizer, kind, template=d.template, cutoff_len=cutoff_len, train_on_prompt=d.train_on_prompt,
+            mask_history=d.mask_history, min_length=d.min_length, overlength=d.overlength, policy=policy,
+            report=report,
         )  # fmt: skip
 
-    train_src = _sources(train, dataset_dir, format)
+    train_src = _sources(d.train, d.dataset_dir, d.format)
     if not train_src:
-        raise ValueError("data.train names no source")
-    eval_src = _sources(eval, dataset_dir, format)
+        raise RunError("data.train names no source")
+    eval_src = _sources(d.eval, d.dataset_dir, d.format)
     ratios = _ratios(train_src)
-    common = dict(packing=packing, seq_len=cutoff_len, bucket_multiple=bucket_multiple, seed=seed)
+    common = dict(packing=d.packing, seq_len=cutoff_len, bucket_multiple=d.bucket_multiple, seed=seed)
     report, eval_report = prepare.Report(), prepare.Report()
     enc = encoder(report)
-    val_size = 0 if eval_src else val_size  # explicit eval sources replace the held-out split
-    if streaming:
+    val_size = 0 if eval_src else d.val_size  # explicit eval sources replace the held-out split
+    if d.streaming:
         if dedup not in (None, "none"):
-            raise ValueError("dedup needs the whole dataset: set streaming=False, or dedup offline")
+            raise RunError("dedup needs the whole dataset: set streaming=False, or dedup offline")
         if val_size and val_size < 1:
-            raise ValueError(
+            raise RunError(
                 "with streaming, val_size must be a count (the first N records of the first source)"
             )
         order = _stream_order(train_src, enc, ratios, seed, shuffle, window, int(val_size), max_samples)
@@ -134,11 +144,11 @@ def iterators(
     for src in eval_src:
         records = _load(src, policy, "none", eval_report, max_samples, seed)
         eval_sets += [it for r in records for it in encoder(eval_report)(r)]
-    train_it = BatchIterator(order, kind, batch_size, shuffle=shuffle, epochs=epochs, **common)
+    train_it = BatchIterator(order, collate, batch_size, shuffle=shuffle, epochs=epochs, **common)
     eval_it = None
     if eval_sets:
         eval_order = MemoryOrder([eval_sets], None, seed, shuffle=False, window=window)
-        eval_it = BatchIterator(eval_order, kind, eval_batch_size or batch_size, shuffle=False, epochs=1, drop_last=False, **common)  # fmt: skip
+        eval_it = BatchIterator(eval_order, collate, eval_batch_size or batch_size, shuffle=False, epochs=1, drop_last=False, **common)  # fmt: skip
     report.skipped, eval_report.skipped = policy.skipped, policy.skipped
     train_it.report, train_it.policy = report, policy
     if eval_it is not None:

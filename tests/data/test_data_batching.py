@@ -50,7 +50,7 @@ def test_left_padding_for_generation():
 
 def alpaca_examples(tok, shared_dir, cutoff_len=2048, n=None):
     records = data.load(shared_dir / "alpaca_en_demo.json")[:n]
-    enc = Encoder(tok, "sft", cutoff_len=cutoff_len)
+    enc = Encoder(tok, "lm", cutoff_len=cutoff_len)
     return [it for r in records for it in enc(r)]
 
 
@@ -83,7 +83,7 @@ def test_packed_segments_equal_unpacked_samples(chatml_tok, shared_dir):
 
 def test_packing_efficiency_alpaca_2048(chatml_tok, shared_dir):
     records = data.load(shared_dir / "alpaca_en_demo.json")
-    it = iterators(str(shared_dir / "alpaca_en_demo.json"), chatml_tok, batch_size=4, cutoff_len=2048, packing=True,
+    it = iterators(str(shared_dir / "alpaca_en_demo.json"), chatml_tok, 4, "lm", cutoff_len=2048, packing=True,
                    epochs=1)  # fmt: skip
     batches = list(it.train)
     assert all(b.input_ids.shape == (4, 2048) for b in batches)
@@ -97,7 +97,7 @@ def test_packing_efficiency_alpaca_2048(chatml_tok, shared_dir):
 
 
 def test_bucketed_lengths_give_few_shapes(chatml_tok, shared_dir):
-    it = iterators(str(shared_dir / "alpaca_en_demo.json"), chatml_tok, batch_size=8, cutoff_len=1000,
+    it = iterators(str(shared_dir / "alpaca_en_demo.json"), chatml_tok, 8, "lm", cutoff_len=1000,
                    bucket_multiple=128, epochs=1).train  # fmt: skip
     shapes = {b.input_ids.shape[1] for b in it}
     assert all(t % 128 == 0 or t == 1000 for t in shapes)  # multiples of 128, capped at cutoff_len
@@ -110,9 +110,9 @@ def test_truncation_cuts_prompt_first_and_warns(llama3_tok, caplog):
     rec = data.Conversation(
         (data.Message("user", long_prompt), data.Message("assistant", "short answer")), file="f", row=0
     )
-    full = Encoder(llama3_tok, "sft", cutoff_len=10_000)(rec)[0]
+    full = Encoder(llama3_tok, "lm", cutoff_len=10_000)(rec)[0]
     with caplog.at_level(logging.WARNING, logger="jaxtune.data"):
-        (cut,) = Encoder(llama3_tok, "sft", cutoff_len=64)(rec)
+        (cut,) = Encoder(llama3_tok, "lm", cutoff_len=64)(rec)
     assert len(cut) == 64
     resp = len(full) - full.prompt_len
     np.testing.assert_array_equal(cut.ids[-resp:], full.ids[-resp:])  # response kept whole
@@ -128,7 +128,7 @@ def test_truncation_cuts_prompt_first_and_warns(llama3_tok, caplog):
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         f.write(json.dumps({"instruction": long_prompt, "input": "", "output": "short answer"}) + "\n")
     with caplog.at_level(logging.WARNING, logger="jaxtune.data"):
-        it = iterators(f.name, llama3_tok, batch_size=1, cutoff_len=64).train
+        it = iterators(f.name, llama3_tok, 1, "lm", cutoff_len=64).train
     assert it.report.truncated == 1 and "1 samples were longer than cutoff_len=64" in caplog.text
 
 
@@ -140,7 +140,7 @@ def test_truncation_keeps_a_minimum_prompt_when_the_response_is_huge():
 
 
 def test_pretraining_documents_are_chunked(chatml_tok, shared_dir):
-    it = iterators(str(shared_dir / "c4_demo.jsonl"), chatml_tok, batch_size=2, stage="pt", cutoff_len=128,
+    it = iterators(str(shared_dir / "c4_demo.jsonl"), chatml_tok, 2, "text", cutoff_len=128,
                    packing=True, epochs=1).train  # fmt: skip
     b = next(it)
     assert b.input_ids.shape == (2, 128) and it.report.chunked > 0

@@ -27,16 +27,17 @@ FILES = (
 )
 
 
-def stage_of(record) -> str:
+def kind_of(record) -> str:
+    """The data kind a record of this type trains."""
     if isinstance(record, data.Preference):
-        return "dpo"
+        return "pair"
     if isinstance(record, data.Text):
-        return "pt"
-    return "kto" if record.label is not None else "sft"
+        return "text"
+    return "kto" if record.label is not None else "lm"
 
 
-def check_batch(batch, stage: str):
-    tb = batch.chosen if stage == "dpo" else batch.batch if stage == "kto" else batch
+def check_batch(batch, kind: str):
+    tb = batch.chosen if kind == "pair" else batch.batch if kind == "kto" else batch
     assert tb.input_ids.dtype == np.int32 and tb.input_ids.shape[0] == 4
     assert tb.loss_mask.sum() > 0  # something is trained in every batch
     assert ((tb.segment_ids > 0) | (tb.input_ids == 0)).all()  # padding is id 0
@@ -49,18 +50,18 @@ def test_registry_entry_loads_templates_and_batches(name, shared_dir, chatml_tok
         pytest.skip(f"{file_name} is not in the demo folder")
     records = data.load(name, dataset_dir=shared_dir)
     assert records and all(r.file == str(shared_dir / file_name) for r in records[:5])
-    stage = stage_of(records[0])
+    kind = kind_of(records[0])
     for tok in (chatml_tok, llama3_tok):
         for rec in records[:10]:
             out = data.encode(rec, tok)
-            pairs = out if stage == "dpo" else [out]
+            pairs = out if kind == "pair" else [out]
             for ids, labels in pairs:
                 assert len(ids) == len(labels) and any(lab != -100 for lab in labels)
     it = iterators(
         {"name": name},
         chatml_tok,
-        batch_size=4,
-        stage=stage,
+        4,
+        kind,
         dataset_dir=shared_dir,
         cutoff_len=512,
         epochs=1,
@@ -68,7 +69,7 @@ def test_registry_entry_loads_templates_and_batches(name, shared_dir, chatml_tok
     batches = list(it.train)
     assert batches
     for b in batches[:3]:
-        check_batch(b, stage)
+        check_batch(b, kind)
 
 
 @pytest.mark.parametrize("file_name", FILES)

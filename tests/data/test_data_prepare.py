@@ -58,8 +58,8 @@ def test_split_by_ratio_and_count():
 def test_length_filters(chatml_tok):
     long = chat("q " * 200, "a")
     short, ok = chat("hi", "yo"), chat("hello there, how are you?", "fine, thank you")
-    n_short = len(Encoder(chatml_tok, "sft")(short)[0])
-    enc = Encoder(chatml_tok, "sft", cutoff_len=64, overlength="drop", min_length=n_short + 1)
+    n_short = len(Encoder(chatml_tok, "lm")(short)[0])
+    enc = Encoder(chatml_tok, "lm", cutoff_len=64, overlength="drop", min_length=n_short + 1)
     assert enc(long) == [] and enc(short) == [] and len(enc(ok)) == 1
     assert enc.report.filtered == {
         "longer than cutoff_len=64": 1,

@@ -55,11 +55,11 @@ CASES = {
     "mixture_packed": dict(mixture=True, packing=True, cutoff_len=128),
     "streaming": dict(streaming=True),
     "streaming_mixture_packed": dict(streaming=True, mixture=True, packing=True, cutoff_len=128),
-    "streaming_pt_chunks": dict(streaming=True, stage="pt", packing=True, cutoff_len=32, docs=True),
+    "streaming_pt_chunks": dict(streaming=True, kind="text", packing=True, cutoff_len=32, docs=True),
 }
 
 
-def make(files, tok, mixture=False, docs=False, **kw):
+def make(files, tok, mixture=False, docs=False, kind="lm", **kw):
     if docs:
         train = str(files / "docs.txt")
     elif mixture:
@@ -70,7 +70,7 @@ def make(files, tok, mixture=False, docs=False, **kw):
     else:
         train = str(files / "a.jsonl")
     kw.setdefault("cutoff_len", 256)
-    return iterators(train, tok, batch_size=3, seed=5, window=16, bucket_multiple=16, **kw).train
+    return iterators(train, tok, 3, kind, seed=5, window=16, bucket_multiple=16, **kw).train
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -102,7 +102,7 @@ def test_shuffle_is_seeded(files, chatml_tok):
     a = [next(it).input_ids for it in [make(files, chatml_tok)] for _ in range(5)]
     b = [next(it).input_ids for it in [make(files, chatml_tok)] for _ in range(5)]
     chex.assert_trees_all_equal(a, b)
-    other = iterators(str(files / "a.jsonl"), chatml_tok, batch_size=3, seed=6, window=16).train
+    other = iterators(str(files / "a.jsonl"), chatml_tok, 3, "lm", seed=6, window=16).train
     assert any(
         x.shape != y.shape or (x != y).any() for x, y in zip(a, [next(other).input_ids for _ in range(5)])
     )
@@ -111,6 +111,6 @@ def test_shuffle_is_seeded(files, chatml_tok):
 def test_restoring_with_another_seed_is_refused(files, chatml_tok):
     it = make(files, chatml_tok)
     next(it)
-    other = iterators(str(files / "a.jsonl"), chatml_tok, batch_size=3, seed=6).train
+    other = iterators(str(files / "a.jsonl"), chatml_tok, 3, "lm", seed=6).train
     with pytest.raises(ValueError, match="seed 5"):
         other.set_state(it.get_state())

@@ -70,7 +70,7 @@ def test_accumulation_equals_one_big_batch(preference_files):
     )  # fmt: skip
     cfg = load_config({"stage": "dpo", "data": {"train": [str(preference_files[1])], "cutoff_len": 48,
                                                 "bucket_multiple": 8}})  # fmt: skip
-    batch = next(iter(build(cfg.data, tok, 4, "dpo").train))
+    batch = next(iter(build(cfg.data, tok, 4, "pair").train))
     plan = peft.prepare(model, {"method": "lora", "rank": 4, "target_modules": ["q_proj", "v_proj"]}, 0)
     out = []
     for micro in (None, 2):

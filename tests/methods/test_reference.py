@@ -34,7 +34,7 @@ def setup(preference_files):
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}, rng=0, tokenizer=tok,
     )  # fmt: skip
     its = iterators(
-        [str(preference_files[1])], tok, 8, "dpo", cutoff_len=48, bucket_multiple=8, shuffle=False
+        [str(preference_files[1])], tok, 8, "pair", cutoff_len=48, bucket_multiple=8, shuffle=False
     )
     return model, tok, its, next(iter(its.train))
 
@@ -126,7 +126,7 @@ def test_precomputed_reference_is_attached_per_row_and_gives_the_same_loss(setup
     # a shuffled train iterator and an eval iterator: rows must be found by content, not by position
     train, heldout = (str(p) for p in preference_files)
     its = iterators(
-        [train], tok, 8, "dpo", eval=[heldout], cutoff_len=48, bucket_multiple=8, seed=3, max_samples=64
+        [train], tok, 8, "pair", eval=[heldout], cutoff_len=48, bucket_multiple=8, seed=3, max_samples=64
     )
     lm = LM(plan.arch)
     _, frozen, _, train_it, _ = dpo.prepare(cfg, lm, plan, tok, its.train, its.eval)

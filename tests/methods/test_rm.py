@@ -41,7 +41,7 @@ def test_reward_model_learns_heldout_preferences_and_exports_for_transformers(tm
     hf = AutoModelForSequenceClassification.from_pretrained(export).eval()
     ours = jaxtune.load_model(export)
     batch = next(
-        iter(iterators([str(heldout)], tok, 64, "rm", cutoff_len=48, bucket_multiple=8, shuffle=False).train)
+        iter(iterators([str(heldout)], tok, 64, "pair", cutoff_len=48, bucket_multiple=8, shuffle=False).train)
     )
     scores = {}
     for side in ("chosen", "rejected"):

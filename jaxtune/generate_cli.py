@@ -6,8 +6,9 @@
 
 `--model` is a Hugging Face model directory or a jaxtune run directory (its `hf/` export, or its base model
 plus its `adapter/` export, with the run's tokenizer). Prompts go through the chat template (the
-tokenizer's own, or `--template NAME`) unless `--raw`; `--file` takes one prompt per line, or a dataset file
-(.json/.jsonl/.csv/.parquet) whose records are read like training data (a final assistant turn is dropped).
+tokenizer's own, or `--template NAME`) unless `--raw`; `--file` takes one prompt per line, rows of `--jsonl`
+output (`{"prompt": ...}`), or a dataset file (.json/.jsonl/.csv/.parquet) whose records are read like training
+data (a final assistant turn is dropped).
 Generation stops at the EOS token(s) of the tokenizer and config, at single-token `--stop` strings inside
 the jitted loop, and at any `--stop` string in the decoded text.
 """
@@ -130,6 +131,14 @@ def encode(tokenizer, messages: list, system: str | None, template: str | None, 
         raise GenerateError(f"{e} (or pass --raw to use the prompt text without a chat template)") from None
 
 
+GENERATED_KEYS = ("prompt", "completion", "answer")  # the keys of a `--jsonl` row
+PROMPT_FILES = (
+    "a prompt file is text with one prompt per line, or a .json/.jsonl/.csv/.parquet file of rows with a "
+    "'prompt' (optionally 'completion' and 'answer', as --jsonl writes them), of chat 'messages' or "
+    "'conversations', or of 'instruction' (+ 'input') columns; or give prompts with --prompt TEXT"
+)
+
+
 def read_prompts(args) -> list[tuple[list, str | None]]:
     """(messages, reference answer) per prompt, from --prompt, --file, or stdin."""
     prompts: list[tuple[list, str | None]] = [([("user", p)], None) for p in (args.prompt or [])]
@@ -138,17 +147,7 @@ def read_prompts(args) -> list[tuple[list, str | None]]:
         if not path.exists():
             raise GenerateError(f"--file {args.file}: no such file")
         if path.suffix in DATA_SUFFIXES:
-            from jaxtune.data import load as load_records
-            from jaxtune.data.prepare import as_prompt
-            from jaxtune.data.records import Conversation
-
-            for r in load_records(str(path)):
-                if not isinstance(r, Conversation):
-                    raise GenerateError(
-                        f"--file {path}, row {r.row}: a {type(r).__name__} record is no prompt"
-                    )
-                r = as_prompt(r)
-                prompts.append(([(m.role, m.content) for m in r.messages], r.answer))
+            prompts += _generated_rows(path) or _dataset_prompts(path)
         else:
             prompts += [([("user", line)], None) for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
@@ -156,6 +155,48 @@ def read_prompts(args) -> list[tuple[list, str | None]]:
         if not text.strip():
             raise GenerateError("no prompt: give --prompt TEXT, --file FILE, or text on stdin")
         prompts.append(([("user", text.rstrip("\n"))], None))
+    return prompts
+
+
+def _is_generated(row: dict) -> bool:
+    """A row shaped like `--jsonl` output: a text 'prompt', and at most a 'completion' and an 'answer'."""
+    extra_ok = all(isinstance(row[k], str | None) for k in GENERATED_KEYS[1:] if k in row)
+    return isinstance(row.get("prompt"), str) and set(row) <= set(GENERATED_KEYS) and extra_ok
+
+
+def _generated_rows(path: Path) -> list[tuple[list, str | None]] | None:
+    """The prompts of a file whose every row is shaped like `--jsonl` output, else None. The reference answer
+    is the row's 'answer', else its 'completion' (as in a prompt/completion dataset)."""
+    from jaxtune.data.files import read_rows
+
+    rows = [r.data for r in read_rows(path)]
+    if not rows or not all(_is_generated(r) for r in rows):
+        return None
+    return [([("user", r["prompt"])], r.get("answer", r.get("completion"))) for r in rows]
+
+
+def _dataset_prompts(path: Path) -> list[tuple[list, str | None]]:
+    """The prompts of a dataset file read like training data (a final assistant turn is the answer)."""
+    from jaxtune.data import load as load_records
+    from jaxtune.data.errors import DataError
+    from jaxtune.data.prepare import as_prompt
+    from jaxtune.data.records import Conversation
+
+    try:
+        records = load_records(str(path))
+    except DataError as e:
+        if e.reason != "unknown format":
+            raise
+        detail = e.message.split("; name the format")[0]  # the data layer's advice names config options
+        raise GenerateError(f"--file {path}, row {e.row}: {detail}; {PROMPT_FILES}") from None
+    prompts = []
+    for r in records:
+        if not isinstance(r, Conversation):
+            raise GenerateError(
+                f"--file {path}, row {r.row}: a {type(r).__name__} record is no prompt; {PROMPT_FILES}"
+            )
+        r = as_prompt(r)
+        prompts.append(([(m.role, m.content) for m in r.messages], r.answer))
     return prompts
 
 

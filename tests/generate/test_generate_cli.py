@@ -70,6 +70,52 @@ def test_generate_reads_a_dataset_file(chat_dir, tmp_path, capsys):
     assert row["completion"] == reply(chat_dir, [row["prompt"]])
 
 
+def test_generate_reads_back_its_own_jsonl_output(chat_dir, tmp_path, capsys):
+    """`--jsonl` rows ({"prompt", "completion"[, "answer"]}) are prompts for `--file`: the same greedy
+    completions come back, and a row's answer is kept."""
+    base = [
+        "generate",
+        "--model",
+        str(chat_dir),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        str(NEW),
+        "--jsonl",
+    ]
+    dataset = tmp_path / "prompts.json"
+    dataset.write_text(json.dumps([{"instruction": "Reverse the word.", "input": "abc", "output": "cba"}]))
+    assert cli.main([*base, "--prompt", "Uppercase the word.\nhgf", "--file", str(dataset)]) == 0
+    first = capsys.readouterr().out
+    rows = [json.loads(line) for line in first.splitlines()]
+    assert [sorted(r) for r in rows] == [["completion", "prompt"], ["answer", "completion", "prompt"]]
+    written = tmp_path / "out.jsonl"
+    written.write_text(first)
+    assert cli.main([*base, "--file", str(written)]) == 0
+    again = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in again] == [r["prompt"] for r in rows]
+    assert [r["completion"] for r in again] == [r["completion"] for r in rows]
+    assert again[1]["answer"] == "cba"
+    only_prompts = tmp_path / "prompts.jsonl"
+    only_prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    assert cli.main([*base, "--file", str(only_prompts)]) == 0
+    plain = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert plain == [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+
+
+def test_a_file_of_no_prompts_names_the_accepted_shapes(chat_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question_text": "q"}) + "\n")
+    assert cli.main(["generate", "--model", str(chat_dir), "--file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"jaxtune: error: --file {bad}, row 0: cannot tell the data format")
+        and err.count("\n") == 1
+    )
+    assert "'prompt'" in err and "--prompt TEXT" in err
+    assert "name the format" not in err and "map the columns" not in err  # options generate does not have
+
+
 def test_chat_with_piped_stdin_keeps_history_until_reset(chat_dir, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nagain\n/reset\nagain\n"))  # not a terminal: no "> "
     assert (

@@ -96,9 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(command("train", "fine-tune a model as a YAML config (and overrides) describes"))
 
     p = command("export", "write a checkpoint as a Hugging Face model or a PEFT adapter")
-    p.add_argument("run", nargs="?", metavar="RUN_DIR", help="run directory (latest step) or its checkpoints/<step>")
-    p.add_argument("--checkpoint", metavar="RUN_DIR_OR_STEP", help="the same as RUN_DIR")
-    p.add_argument("--out", metavar="DIR", help="output directory (or give it to --adapter / --merge)")
+    p.add_argument(
+        "run", nargs="?", metavar="RUN_DIR", help="run directory (latest step) or its checkpoints/<step>"
+    )
+    p.add_argument(
+        "out_dir", nargs="?", metavar="OUT", help="output directory (or --out, --adapter DIR, --merge DIR)"
+    )
+    p.add_argument(
+        "--checkpoint", metavar="RUN_DIR_OR_STEP", help="the same as RUN_DIR (then OUT may follow alone)"
+    )
+    p.add_argument("--out", metavar="DIR", help="output directory, the same as OUT")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument(
         "--adapter", nargs="?", const=True, default=False, metavar="DIR",

@@ -124,19 +124,41 @@ def export(path, out, mode: str = "auto", config=None) -> Path:
 
 
 def main(args) -> int:
-    """`jaxtune export` (see the module docstring for the accepted argument forms)."""
+    """`jaxtune export` (see the module docstring for the accepted argument forms).
+
+    RUN_DIR is the first positional or `--checkpoint`; OUT the positional after it (the only one, with
+    `--checkpoint`), `--out`, or the directory given to `--adapter` / `--merge`: any of these, but one
+    directory."""
     from jaxtune.config import ConfigError
 
-    source = args.checkpoint or args.run
+    given = [v for v in (args.run, getattr(args, "out_dir", None)) if v is not None]
+    if args.checkpoint is not None:
+        if len(given) > 1:
+            raise ConfigError(
+                f"jaxtune export: the run is given twice (--checkpoint {args.checkpoint} and {given[0]}); "
+                "give RUN_DIR OUT, or --checkpoint RUN_DIR OUT"
+            )
+        source, positional_out = args.checkpoint, (given or [None])[0]
+    else:
+        source, positional_out = (given + [None, None])[:2]
     if source is None:
         raise ConfigError("jaxtune export: give the run directory (or checkpoints/<step>) to export")
     mode = "adapter" if args.adapter else "merge" if args.merge else "auto"
-    named = [v for v in (args.adapter, args.merge) if isinstance(v, str)]
-    out = args.out or (named[0] if named else None)
-    if out is None:
+    outs = {
+        "OUT": positional_out,
+        "--out": args.out,
+        "--adapter": args.adapter if isinstance(args.adapter, str) else None,
+        "--merge": args.merge if isinstance(args.merge, str) else None,
+    }
+    outs = {k: v for k, v in outs.items() if v is not None}
+    if not outs:
         raise ConfigError(
-            "jaxtune export: give the output directory (--adapter DIR, --merge DIR or --out DIR)"
+            "jaxtune export: give the output directory (OUT, --out DIR, --adapter DIR or --merge DIR)"
         )
+    if len({str(Path(v)) for v in outs.values()}) > 1:
+        named = ", ".join(f"{k} {v}" for k, v in outs.items())
+        raise ConfigError(f"jaxtune export: two output directories ({named}); give one")
+    out = next(iter(outs.values()))
     try:
         export(source, out, mode, args.config)
     except (PeftConfigError, FileNotFoundError) as e:

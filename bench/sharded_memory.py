@@ -62,7 +62,7 @@ def measure(preset: str, method: str, batch: int, seq: int) -> dict:
         shardings = run_shardings(mesh, plan.arch, plan.trainable, plan.frozen, optimizer)
         state = state_lib.create(jax.tree.map(jax.numpy.copy, plan.trainable), optimizer, 0, shardings.state)
         frozen = place(plan.frozen, shardings.frozen)
-        step = make_train_step(sft, LM(plan.arch), cfg, optimizer, lr, shardings=shardings)
+        step = make_train_step(sft.SFT, LM(plan.arch), cfg, optimizer, lr, shardings=shardings)
         stats = step.lower(state, frozen, global_batch(host_batch, mesh)).compile().memory_analysis()
         row = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
         row["state"] = bytes_per_device(shardings.state, state)

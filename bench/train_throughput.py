@@ -83,7 +83,7 @@ def bench_jax(args, shape) -> dict:
                                      "loss_chunk_size": args.loss_chunk}})  # fmt: skip
     optimizer, lr = optim.build(cfg.training, plan.trainable, args.steps + args.warmup, plan.lr_multipliers)
     lm = LM(model.arch.replace(peft=plan.spec), chunk=cfg.training.loss_chunk_size)
-    step = make_train_step(sft, lm, cfg, optimizer, lr)
+    step = make_train_step(sft.SFT, lm, cfg, optimizer, lr)
     st = state.create(plan.trainable, optimizer, seed=0)
 
     rng = np.random.RandomState(0)

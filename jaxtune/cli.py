@@ -27,7 +27,7 @@ TARGETS = {
     "export": "jaxtune.export:main",  # main(args)
     "generate": "jaxtune.generate_cli:main",  # main(args); args.generation is a GenerationConfig
     "chat": "jaxtune.generate_cli:main",
-    "data inspect": "jaxtune.data.inspect:main",  # main(cfg)
+    "data inspect": "jaxtune.data.inspect:main",  # main(cfg, data kind of the stage)
     "plot": "jaxtune.train.plot:main",  # main(run_dir, out=None)
     "estimate": "jaxtune.estimate:main",  # main(cfg)
 }
@@ -189,6 +189,10 @@ def _run(args: argparse.Namespace, command: str) -> Any:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
+        if command == "data inspect":  # the data kind comes from the stage's method record
+            from jaxtune.methods import METHODS
+
+            return _target(command)(cfg, METHODS[cfg.stage].data_kind)
         return _target(command)(cfg)
     if command == "plot":
         return _target(command)(args.run_dir, out=args.out)

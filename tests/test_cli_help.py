@@ -183,17 +183,19 @@ def test_export_adapter_and_merge_exclude_each_other(capsys):
 
 
 def test_user_errors_of_other_modules_print_without_traceback(monkeypatch, tmp_path, capsys):
+    """Any `JaxtuneError`, wherever it is defined, prints as one line; a plain ValueError keeps its traceback."""
     (tmp_path / "jt_raising_target.py").write_text(
-        "class BadRows(ValueError):\n    pass\n\n"
-        "def main(run_dir, out=None):\n    raise BadRows('data.json, row 3: missing field messages')\n"
+        "from jaxtune.errors import JaxtuneError\n\n"
+        "class BadRows(JaxtuneError, ValueError):\n    pass\n\n"
+        "def main(run_dir, out=None):\n    raise BadRows('data.json, row 3: missing field messages')\n\n"
+        "def bug(run_dir, out=None):\n    raise ValueError('an internal invariant broke')\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(cli.TARGETS, "plot", "jt_raising_target:main")
-    monkeypatch.setattr(cli, "USER_ERRORS", ("jt_raising_target:BadRows",))
     assert cli.main(["plot", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "jaxtune: error: data.json, row 3: missing field messages\n"
-    monkeypatch.setattr(cli, "USER_ERRORS", ())
-    with pytest.raises(ValueError):  # not a declared user error: a bug, so the traceback stays
+    monkeypatch.setitem(cli.TARGETS, "plot", "jt_raising_target:bug")
+    with pytest.raises(ValueError):  # not a JaxtuneError: a bug, so the traceback stays
         cli.main(["plot", str(tmp_path)])
 
 

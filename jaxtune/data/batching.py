@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxtune.data.batch import KTOBatch, PreferenceBatch, PromptBatch, TokenBatch
 from jaxtune.data.tokenize import Example
+from jaxtune.errors import RunError
 
 
 def bucket_len(n: int, multiple: int, cap: int | None = None) -> int:
@@ -60,7 +61,7 @@ def pack(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
     for i in order:
         n = lengths[i]
         if n > seq_len:
-            raise ValueError(
+            raise RunError(
                 f"example of {n} tokens does not fit in a packed row of {seq_len}; truncate first"
             )
         k = bisect.bisect_left(free, (n, -1))
@@ -78,7 +79,7 @@ def pack(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
 def token_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_side: str = "right") -> TokenBatch:
     """Each row is a list of examples packed left to right; `pad_side="left"` right-aligns (for generation)."""
     if pad_side not in ("right", "left"):
-        raise ValueError(f"pad_side must be 'right' or 'left', got {pad_side!r}")
+        raise RunError(f"pad_side must be 'right' or 'left', got {pad_side!r}")
     b = len(rows)
     input_ids = np.zeros((b, seq_len), np.int32)
     targets = np.zeros((b, seq_len), np.int32)
@@ -160,4 +161,4 @@ def collate(kind: str, rows, batch_size: int, seq_len: int, packed: bool = False
         return kto_batch([first(r, (EMPTY, False)) for r in rows], bucket_multiple, cap=seq_len)
     if kind == "prompt":
         return prompt_batch([first(r, (EMPTY.ids, None)) for r in rows], bucket_multiple, cap=seq_len)
-    raise ValueError(f"unknown batch kind {kind!r} (one of {KINDS})")
+    raise RunError(f"unknown batch kind {kind!r} (one of {KINDS})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 
-from jaxtune.errors import JaxtuneError
+from jaxtune.errors import JaxtuneError, RunError
 
 log = logging.getLogger("jaxtune.data")
 
@@ -66,7 +66,7 @@ class ErrorPolicy:
 
     def __init__(self, on_error: str = "raise"):
         if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+            raise RunError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.on_error = on_error
         self.skipped: collections.Counter[str] = collections.Counter()
         self.examples: dict[str, str] = {}

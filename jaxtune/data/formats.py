@@ -27,6 +27,7 @@ from jaxtune.data import messages as msgs
 from jaxtune.data.errors import DataError
 from jaxtune.data.files import RawRow
 from jaxtune.data.records import Conversation, Message, Preference, Record, Text
+from jaxtune.errors import RunError
 
 FORMATS = ("alpaca", "sharegpt", "openai", "preference", "kto", "text", "qa")
 _ALIASES = {
@@ -68,16 +69,16 @@ class FormatSpec:
     def __post_init__(self):
         name = _ALIASES.get(self.formatting, self.formatting)
         if name is not None and name not in FORMATS:
-            raise ValueError(
+            raise RunError(
                 f"unknown data format '{self.formatting}'{did_you_mean(self.formatting, FORMATS)}"
             )
         object.__setattr__(self, "formatting", name)
         for key in self.columns:
             if key not in COLUMN_KEYS:
-                raise ValueError(f"unknown key '{key}' in columns{did_you_mean(key, COLUMN_KEYS)}")
+                raise RunError(f"unknown key '{key}' in columns{did_you_mean(key, COLUMN_KEYS)}")
         for key in self.tags:
             if key not in msgs.SHAREGPT_TAGS:
-                raise ValueError(f"unknown key '{key}' in tags{did_you_mean(key, msgs.SHAREGPT_TAGS)}")
+                raise RunError(f"unknown key '{key}' in tags{did_you_mean(key, msgs.SHAREGPT_TAGS)}")
 
 
 class _Row:
@@ -326,7 +327,7 @@ def detect(data: Mapping, spec: FormatSpec) -> tuple[str, FormatSpec]:
     for q, a in QA_PAIRS:
         if has(q, a):
             return "qa", dataclasses.replace(spec, columns={"prompt": q, "response": a, **cols})
-    raise ValueError(f"cannot tell the data format from the columns {sorted(keys)}")
+    raise RunError(f"cannot tell the data format from the columns {sorted(keys)}")
 
 
 def converter(first: RawRow, spec: FormatSpec) -> tuple[str, Callable[[RawRow], Record]]:

@@ -164,13 +164,9 @@ def _tokenizer(model_cfg):
 
 
 # until the method records land: each stage's data kind (the CLI will pass the method record's data_kind)
-_STAGE_KIND = {"pt": "text", "sft": "lm", "rm": "pair", "dpo": "pair", "kto": "kto", "ppo": "prompt", "grpo": "prompt"}  # fmt: skip
-
-
-def main(cfg, kind: str | None = None) -> dict:
+def main(cfg, kind: str) -> dict:
     """`jaxtune data inspect CONFIG`: `cfg` is a RunConfig (its model gives the tokenizer); `kind` the data
-    kind of its stage's method."""
-    kind = kind or _STAGE_KIND[cfg.stage]
+    kind of its stage's method record (the CLI looks it up: `methods.METHODS[cfg.stage].data_kind`)."""
     tokenizer = _tokenizer(cfg.model)  # first: a wrong model path is reported before any data is read
     data_cfg = cfg.data
     if "builtin:demo" in tuple(data_cfg.train):  # the demo config's generated data, as `train` makes it

@@ -21,6 +21,7 @@ from jaxtune.data.batching import chunk, truncate
 from jaxtune.data.errors import DataError, ErrorPolicy
 from jaxtune.data.records import Conversation, Preference, Text, where
 from jaxtune.data.tokenize import encode_example, encode_pair, encode_prompt
+from jaxtune.errors import RunError
 
 log = logging.getLogger("jaxtune.data")
 
@@ -32,7 +33,7 @@ def check_kind(kind: str) -> str:
     """`kind` if it is one of DATA_KINDS; a ValueError naming them otherwise."""
     if kind not in DATA_KINDS:
         kinds = ", ".join(DATA_KINDS)
-        raise ValueError(
+        raise RunError(
             f"unknown data kind {kind!r} (one of {kinds}; a stage's kind is its method's data_kind)"
         )
     return kind
@@ -61,7 +62,7 @@ class Encoder:
         report: prepare.Report | None = None,
     ):
         if overlength not in ("truncate", "drop"):
-            raise ValueError(f"overlength must be 'truncate' or 'drop', got {overlength!r}")
+            raise RunError(f"overlength must be 'truncate' or 'drop', got {overlength!r}")
         self.tokenizer, self.kind = tokenizer, check_kind(kind)
         self.template, self.cutoff_len = template, int(cutoff_len)
         self.opts = {"train_on_prompt": train_on_prompt, "mask_history": mask_history}

@@ -17,6 +17,7 @@ import logging
 import numpy as np
 
 from jaxtune.data.batching import collate, item_len, pack
+from jaxtune.errors import RunError
 
 log = logging.getLogger("jaxtune.data")
 
@@ -37,9 +38,9 @@ class BatchIterator:
         drop_last: bool = True,
     ):
         if packing and (kind != "lm" or not seq_len):
-            raise ValueError("packing needs 'lm' batches (text or lm data) and a seq_len (cutoff_len)")
+            raise RunError("packing needs 'lm' batches (text or lm data) and a seq_len (cutoff_len)")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise RunError(f"batch_size must be >= 1, got {batch_size}")
         self.order, self.kind, self.batch_size = order, kind, batch_size
         self.packing, self.seq_len, self.bucket_multiple = packing, seq_len, bucket_multiple
         self.seed, self.shuffle, self.epochs, self.drop_last = seed, shuffle, epochs, drop_last
@@ -62,7 +63,7 @@ class BatchIterator:
 
     def set_state(self, state: dict) -> None:
         if state.get("seed", self.seed) != self.seed:
-            raise ValueError(
+            raise RunError(
                 f"iterator state was saved with seed {state['seed']}, this run uses seed {self.seed}"
             )
         self.epoch, self.window, self.row = int(state["epoch"]), int(state["window"]), int(state["row"])
@@ -118,7 +119,7 @@ class BatchIterator:
                 if not rows:
                     empty_epochs += 1
                     if empty_epochs > 1:
-                        raise ValueError("the dataset yields no complete batch: fewer rows than batch_size?")
+                        raise RunError("the dataset yields no complete batch: fewer rows than batch_size?")
                 if not self.drop_last and rows:
                     break
         if not rows:

@@ -20,6 +20,7 @@ from jaxtune.data.errors import DataError, ErrorPolicy
 from jaxtune.data.files import read_rows
 from jaxtune.data.formats import FormatSpec, converter, did_you_mean
 from jaxtune.data.records import Record
+from jaxtune.errors import RunError
 
 SOURCE_KEYS = ("path", "name", "format", "columns", "tags", "ranking", "split", "max_samples", "ratio")
 
@@ -48,12 +49,12 @@ def resolve(source, dataset_dir=None, format: str | None = None) -> Source:
         raise TypeError(f"a data source is a path, a dataset name or a dict, got {type(source).__name__}")
     for key in source:
         if key not in SOURCE_KEYS:
-            raise ValueError(
+            raise RunError(
                 f"unknown key '{key}' in data source {dict(source)}{did_you_mean(key, SOURCE_KEYS)}"
             )
     given = source.get("name") or source.get("path")
     if not given:
-        raise ValueError(f"data source {dict(source)} needs 'path' or 'name'")
+        raise RunError(f"data source {dict(source)} needs 'path' or 'name'")
     fmt = source.get("format", format)
     overrides = dict(max_samples=source.get("max_samples"), ratio=source.get("ratio"))
     name = source.get("name") or given

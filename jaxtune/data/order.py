@@ -18,13 +18,15 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from jaxtune.errors import RunError
+
 
 def _probs(ratios, k: int):
     if ratios is None:
         return None
     p = np.asarray(ratios, np.float64)
     if p.shape != (k,) or (p < 0).any() or p.sum() <= 0:
-        raise ValueError(f"mixture ratios must be {k} non-negative numbers with a positive sum, got {ratios}")
+        raise RunError(f"mixture ratios must be {k} non-negative numbers with a positive sum, got {ratios}")
     return p / p.sum()
 
 
@@ -56,7 +58,7 @@ class MemoryOrder:
             for d, n in enumerate(sizes):
                 picks = np.flatnonzero(ds == d)
                 if len(picks) and not n:
-                    raise ValueError(f"mixture source {d} is empty but has a positive ratio")
+                    raise RunError(f"mixture source {d} is empty but has a positive ratio")
                 cycles = -(-len(picks) // n) if n else 0
                 perm = np.concatenate(
                     [self._perm(n, epoch, d, c) for c in range(cycles)] or [np.zeros(0, int)]

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxtune.data import dedup as dd
 from jaxtune.data.records import TRAINED_ROLES, Conversation, Message, Preference, Record, Text, record_text
+from jaxtune.errors import RunError
 
 log = logging.getLogger("jaxtune.data")
 
@@ -93,7 +94,7 @@ def is_empty(record: Record) -> bool:
 def clean(records: list[Record], dedup: str = "none", normalise: bool = True, report: Report | None = None):
     """Normalise, drop empty records and duplicates (`dedup`: none | exact | near)."""
     if dedup not in ("none", "exact", "near", None, False):
-        raise ValueError(f"dedup must be 'none', 'exact' or 'near', got {dedup!r}")
+        raise RunError(f"dedup must be 'none', 'exact' or 'near', got {dedup!r}")
     report = report if report is not None else Report()
     report.loaded += len(records)
     out = []
@@ -126,12 +127,12 @@ def split(records: list, val_size: float = 0.0, test_size: float = 0.0, seed: in
             return 0
         k = int(round(size * n)) if size < 1 else int(size)
         if k >= n:
-            raise ValueError(f"split size {size} leaves no training data out of {n} records")
+            raise RunError(f"split size {size} leaves no training data out of {n} records")
         return k
 
     n_val, n_test = count(val_size), count(test_size)
     if n_val + n_test >= n and n_val + n_test > 0:
-        raise ValueError(f"val_size={val_size} and test_size={test_size} leave no training data out of {n}")
+        raise RunError(f"val_size={val_size} and test_size={test_size} leave no training data out of {n}")
     perm = np.random.default_rng([seed, 7]).permutation(n)
     pick = lambda idx: [records[i] for i in sorted(idx)]  # keep file order inside each split
     return pick(perm[n_val + n_test :]), pick(perm[:n_val]), pick(perm[n_val : n_val + n_test])

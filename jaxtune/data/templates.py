@@ -16,6 +16,7 @@ import dataclasses
 import json
 
 from jaxtune.data.formats import did_you_mean
+from jaxtune.errors import RunError
 
 # Default wording for tool descriptions when a template has no tool format of its own.
 _TOOLS = (
@@ -142,7 +143,7 @@ TEMPLATES["default"] = TEMPLATES["vicuna"]
 
 def get_template(name: str) -> Template:
     if name not in TEMPLATES:
-        raise ValueError(f"unknown chat template '{name}'{did_you_mean(name, sorted(TEMPLATES))}")
+        raise RunError(f"unknown chat template '{name}'{did_you_mean(name, sorted(TEMPLATES))}")
     return TEMPLATES[name]
 
 

@@ -20,6 +20,7 @@ from jaxtune.data.errors import DataError
 from jaxtune.data.jinja import render_jinja
 from jaxtune.data.records import TRAINED_ROLES, Conversation, Preference, Text, where
 from jaxtune.data.templates import Rendered, Template, get_template, render
+from jaxtune.errors import RunError
 
 IGNORE = -100
 
@@ -50,7 +51,7 @@ def resolve_template(tokenizer, template) -> Template | Jinja:
     if template in (None, "jinja", "tokenizer"):
         if getattr(tokenizer, "chat_template", None):
             return Jinja()
-        raise ValueError(
+        raise RunError(
             "the tokenizer has no chat_template; set data.template to one of "
             "chatml, qwen, llama3, llama2, mistral, gemma, alpaca, vicuna (the model's own format)"
         )

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-DATA_KINDS = ("text", "lm", "pair", "kto", "prompt")
+from jaxtune.data.items import DATA_KINDS
 
 
 def finalize(sums: dict, denom) -> dict:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from jaxtune.config import dump_yaml
-from jaxtune.errors import RunError
+from jaxtune.errors import MissingError, RunError
 
 log = logging.getLogger("jaxtune.train")
 
@@ -95,7 +95,11 @@ def load_tokenizer(cfg):
     if name:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(name)
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:  # no such directory / no tokenizer files there (nothing is downloaded)
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MissingError(f"model.tokenizer {name!r}: no tokenizer loads from it ({detail})") from None
     return None
 
 

@@ -161,9 +161,11 @@ def test_inspect_main_for_the_cli(demo, capsys):
         model=SimpleNamespace(tokenizer="builtin:chars", path=None),
         training=SimpleNamespace(batch_size=4),
     )
-    facts = inspect.main(cfg)  # no kind given: the stage's, until the CLI passes its method's data_kind
+    from jaxtune.methods import METHODS
+
+    facts = inspect.main(cfg, METHODS[cfg.stage].data_kind)  # what the CLI passes: the stage's method record
     assert facts["examples"] == 21 and "== 'lm' data ==" in capsys.readouterr().out
-    facts = inspect.main(cfg, "prompt")  # the kind the caller names wins
+    facts = inspect.main(cfg, "prompt")  # the kind the caller names
     out = capsys.readouterr().out
     assert facts["examples"] == 21 and "== 'prompt' data ==" in out and "[answer='Answer 0.']" in out
 

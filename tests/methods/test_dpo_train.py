@@ -78,7 +78,7 @@ def test_accumulation_equals_one_big_batch(preference_files):
             {"stage": "dpo", "training": {"batch_size": 4, "micro_batch_size": micro, "max_grad_norm": 0}}
         )
         opt, lr = optim.build(c.training, plan.trainable, 10, plan.lr_multipliers)
-        step = make_train_step(dpo, LM(plan.arch), c, opt, lr, accum=c.training.accumulation_steps)
+        step = make_train_step(dpo.DPO, LM(plan.arch), c, opt, lr, accum=c.training.accumulation_steps)
         st = state.create(jax.tree.map(jnp.copy, plan.trainable), opt, seed=0)
         st, _ = step(st, plan.frozen, batch)  # step 1: B = 0, so z = 0; step 2 sees a moved policy
         st, metrics = step(st, plan.frozen, batch)

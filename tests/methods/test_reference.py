@@ -15,9 +15,10 @@ import pytest
 
 from jaxtune import peft
 from jaxtune.config import load_config
+from jaxtune.data.batch import PreferenceBatch
 from jaxtune.data.pipeline import iterators
 from jaxtune.demo import char_tokenizer
-from jaxtune.methods import dpo, reference
+from jaxtune.methods import Prepare, dpo, reference
 from jaxtune.methods.forward import LM
 from jaxtune.models.hf import from_hf_config
 from jaxtune.train import optim, state
@@ -101,10 +102,11 @@ def test_full_finetuning_reference_is_a_frozen_copy_that_survives_donated_steps(
     cfg = load_config({"stage": "dpo", "method": {"name": "full"},
                        "training": {"batch_size": 8, "learning_rate": 1e-2, "lr_scheduler": "constant"}})  # fmt: skip
     assert reference.reference_mode(cfg.dpo, plan.trainable) == "frozen_copy"
-    trainable, frozen, multipliers, _, _ = dpo.prepare(cfg, LM(plan.arch), plan, None, None, None)
+    prep = dpo.prepare(Prepare(cfg, LM(plan.arch), model, plan, plan.trainable, plan.frozen, plan.lr_multipliers))
+    trainable, frozen, multipliers = prep.trainable, prep.frozen, prep.multipliers
     assert set(frozen) == {"params", reference.REFERENCE}
     opt, lr = optim.build(cfg.training, trainable, 10, multipliers)
-    step = make_train_step(dpo, LM(plan.arch), cfg, opt, lr)
+    step = make_train_step(dpo.DPO, LM(plan.arch), cfg, opt, lr)
     st = state.create(jax.tree.map(jnp.copy, trainable), opt, seed=0)  # the fixture's model stays usable
     losses = []
     for _ in range(2):
@@ -129,14 +131,15 @@ def test_precomputed_reference_is_attached_per_row_and_gives_the_same_loss(setup
         [train], tok, 8, "pair", eval=[heldout], cutoff_len=48, bucket_multiple=8, seed=3, max_samples=64
     )
     lm = LM(plan.arch)
-    _, frozen, _, train_it, _ = dpo.prepare(cfg, lm, plan, tok, its.train, its.eval)
+    prep = dpo.prepare(Prepare(cfg, lm, model, plan, plan.trainable, plan.frozen, plan.lr_multipliers, its.train, its.eval))
+    frozen, train_it = prep.frozen, prep.train_it
     assert frozen is plan.frozen  # nothing of the reference is kept for training
     batch = next(train_it)
     assert isinstance(batch, dpo.RefPreferenceBatch)
     variables = peft.merge_variables(plan.frozen, plan.trainable)
     on_the_fly = reference_logps(lm, variables, batch)
     chex.assert_trees_all_close(jnp.asarray(batch.ref_logps), on_the_fly, rtol=1e-5, atol=1e-4)
-    plain = dpo.PreferenceBatch(batch.chosen, batch.rejected)
+    plain = PreferenceBatch(batch.chosen, batch.rejected)
     loss = jax.jit(lambda v, b: dpo.loss_fn(lm, v, b, None, cfg, False))
     a, b = loss(variables, batch), loss(variables, plain)
     chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-5)

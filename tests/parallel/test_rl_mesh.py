@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtune.config import load_config
 from jaxtune.parallel import make_mesh
 from jaxtune.train import rl_loop
+from jaxtune.train import run as run_lib
 
 COMPARED = ("loss", "policy_loss", "kl", "grad_norm", "clip_fraction")
 EXACT = ("reward", "reward_std", "completion_length", "stopped", "tokens")
@@ -63,7 +64,7 @@ def config(tmp_path, out: str, method: dict, parallel: dict, steps: int = 2) -> 
 def train(tmp_path, monkeypatch, out: str, method: dict, shape: tuple[int, int, int] | None, steps: int = 2):
     """One run; returns (its logged train metrics by iteration, the last step's state, frozen and batch)."""
     seen = {}
-    make_train_step = rl_loop.make_train_step
+    make_train_step = run_lib.make_train_step
 
     def spy(*args, **kwargs):
         step = make_train_step(*args, **kwargs)
@@ -76,10 +77,10 @@ def train(tmp_path, monkeypatch, out: str, method: dict, shape: tuple[int, int, 
         return wrapped
 
     with monkeypatch.context() as mp:
-        mp.setattr(rl_loop, "make_train_step", spy)
+        mp.setattr(run_lib, "make_train_step", spy)
         # the oracle: a one-device mesh (parallel.* would span all 8 devices of this process)
         if shape is None:
-            mp.setattr(rl_loop, "mesh_from_config", lambda _: make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+            mp.setattr(run_lib, "mesh_from_config", lambda _: make_mesh(1, 1, 1, devices=jax.devices()[:1]))
         parallel = dict(zip(("data", "fsdp", "tensor"), shape or (-1, 1, 1)))
         rl_loop.run(load_config(config(tmp_path, out, method, parallel, steps)))
     rows = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]

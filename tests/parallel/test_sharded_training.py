@@ -113,7 +113,7 @@ def trainer(method: str, shape: tuple[int, int, int] | None, accum: int = 1) -> 
     if shape is not None:
         shardings = run_shardings(make_mesh(*shape), plan.arch, plan.trainable, plan.frozen, optimizer)
         frozen = place(plan.frozen, shardings.frozen)
-    step = make_train_step(sft, LM(plan.arch), cfg, optimizer, lr, accum=accum, shardings=shardings)
+    step = make_train_step(sft.SFT, LM(plan.arch), cfg, optimizer, lr, accum=accum, shardings=shardings)
     return Trainer(step, shardings, plan.trainable, frozen, optimizer)
 
 

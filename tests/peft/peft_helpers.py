@@ -83,7 +83,7 @@ def make_step(plan, batch, **training):
     optimiser (LoRA+ multipliers included), traced and compiled for `batch`."""
     cfg = run_config(**training)
     opt, lr = optim.build(cfg.training, plan.trainable, 10, plan.lr_multipliers)
-    step = make_train_step(sft, LM(plan.arch), cfg, opt, lr)
+    step = make_train_step(sft.SFT, LM(plan.arch), cfg, opt, lr)
     trainable = jax.tree.map(jnp.array, plan.trainable)  # the state is donated: keep the plan's arrays
     st = state.create(trainable, opt, seed=0)
     traced, compiled = fast(step, st, plan.frozen, batch)

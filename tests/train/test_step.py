@@ -44,7 +44,7 @@ def make(model, batch_size=8, micro=None, **training):
                                         max_grad_norm=0.0, **training)})
     trainable = {"params": model.params}
     opt, lr = optim.build(cfg.training, trainable, total_steps=10)
-    step = make_train_step(sft, LM(model.arch), cfg, opt, lr, accum=cfg.training.accumulation_steps)
+    step = make_train_step(sft.SFT, LM(model.arch), cfg, opt, lr, accum=cfg.training.accumulation_steps)
     return step, state.create(jax.tree.map(jnp.array, trainable), opt, seed=0)
 
 

@@ -1,18 +1,24 @@
 """Every shipped YAML under configs/ is valid, starts with its command, and — when it names a model family in its
 file name (`configs/<stage>/<family>_<method>.yaml`) — trains for 2 steps with its own settings, only the model
 swapped for a tiny local model of that family, the data for a small local file of the stage's kind, and the
-run shortened. RL stages (ppo, grpo) are only validated here; their own tests run them."""
+run shortened. A run that completes is not enough: both logged losses must be finite and every trainable leaf
+must differ from its initial value (an update that never lands — a mask that freezes everything, a zero
+learning rate, a gradient that never reaches an adapter — completes 2 steps just as well). RL stages (ppo, grpo)
+are only validated here; their own tests run them and check their rewards, KL and losses."""
 
 import json
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 import yaml
 from tiny_models import FAMILIES, save_hf
 
 from jaxtune import demo
 from jaxtune.config import load_config
-from jaxtune.train.loop import run
+from jaxtune.train.loop import train
+from jaxtune.train.run import build_run
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml"))
@@ -66,7 +72,8 @@ def tiny_dirs(tmp_path_factory):
         if family not in made:
             made[family] = tmp_path_factory.mktemp(f"tiny_{family}")
             save_hf(family, made[family], max_position_embeddings=128) if family != "gpt2" else save_hf(
-                family, made[family], n_positions=128)
+                family, made[family], n_positions=128
+            )
         return made[family]
 
     return get
@@ -98,5 +105,21 @@ def test_config_trains_two_steps(path, tmp_path, local_data, tiny_dirs):
         "training.save_every": 0, "training.export_hf": False, "training.eval_generate": 0,
         "parallel": {}, "logging": {"progress": False, "tensorboard": False, "plot": False, "log_every": 1},
     })  # fmt: skip
-    summary = run(load_config(raw))
+    built = build_run(load_config(raw))
+    # host copies: the step donates the state's buffers
+    initial = jax.tree.map(lambda x: np.array(x, copy=True), built.state.trainable)
+    summary = train(built)
     assert summary["stop_reason"] == "completed" and summary["step"] == 2
+    rows = [
+        json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    ]
+    losses = [r["loss"] for r in rows if r["split"] == "train"]
+    assert len(losses) == 2 and np.isfinite(losses).all(), losses
+    unchanged = [
+        jax.tree_util.keystr(key)
+        for (key, before), after in zip(
+            jax.tree_util.tree_leaves_with_path(initial), jax.tree.leaves(built.state.trainable)
+        )
+        if np.array_equal(before, np.asarray(after))
+    ]
+    assert not unchanged, f"{path}: trainable leaves that 2 steps did not change: {unchanged}"

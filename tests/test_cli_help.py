@@ -146,9 +146,10 @@ def test_config_commands_get_the_run_config(fake_targets, tmp_path, command):
     path.write_text("training:\n  batch_size: 4\n")
     code = cli.main([*command.split(), str(path), "training.batch_size=12", "seed=3"])
     assert code == 12  # an int returned by the command is the exit status
-    (cfg,), kwargs = fake_targets[0]
+    (cfg, *rest), kwargs = fake_targets[0]
     assert isinstance(cfg, RunConfig) and kwargs == {}
     assert (cfg.training.batch_size, cfg.seed) == (12, 3)
+    assert rest == (["lm"] if command == "data inspect" else [])  # the sft record's data kind
 
 
 def test_overrides_may_follow_options(fake_targets, tmp_path, capsys):

@@ -24,6 +24,11 @@ sigmoid ∂L/∂z = -β[(1-ε)(1-s) - ε s]; robust -β[(1-ε)(1-s) + ε s] / (1
 ipo 2(z - 1/(2β)) (then ÷ token count for a mean); SimPO as sigmoid with βz -> β(pc - pr) - γ; ORPO
 ∂L/∂pc = -α - λ σ(-Δ) / (1 - e^pc), ∂L/∂pr = λ σ(-Δ) / (1 - e^pr), Δ = log odds(pc) - log odds(pr).
 
+TRL names: the table's `dpo_loss` is TRL < 1.0's `DPOTrainer.dpo_loss`; in TRL 1.16 these losses live in
+`DPOTrainer._compute_loss`, whose "sigmoid" ignores label_smoothing, so cDPO (sigmoid with ε > 0) matches
+`CPOTrainer.cpo_loss(loss_type="sigmoid")` there (tests/methods/test_trl_oracle.py calls both). IPO's logged
+rewards use the per-token means the loss uses (TRL logs β × sums); the loss itself is the same.
+
 Differences from TRL, both deliberate: the loss is a mean over pairs of the whole optimiser step (accumulation
 equals one big batch), and ORPO's NLL term is each chosen response's mean token NLL, averaged over pairs (TRL
 averages over all chosen tokens of the batch). `loss_type: kto` is stage `kto` (`methods/kto.py`).

@@ -1,7 +1,7 @@
 """KTO (stage `kto`): alignment from unpaired completions labelled desirable or undesirable.
 
 Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Sec. 4 (the KTO loss), as
-TRL's `KTOTrainer.kto_loss`. With r = log π(y|x) - log π_ref(y|x) (summed over the completion's trained tokens)
+TRL's `KTOTrainer.kto_loss` (TRL 1.16: inside `KTOTrainer._compute_loss`). With r = log π(y|x) - log π_ref(y|x) (summed over the completion's trained tokens)
 and z0 the reference point,
 
     desirable:    L = λ_D (1 - σ(β (r - z0)))        ∂L/∂log π = -λ_D β s (1 - s),  s = σ(β (r - z0))

@@ -8,7 +8,8 @@ name a base `transformers` can load. jaxtune's side is the run rebuilt from its 
 - full fine-tuning: the default form / `--merge` in `transformers`; `--adapter` is refused in one line;
 - rm: the default form / `--merge` in `AutoModelForSequenceClassification` (scores), `--adapter` as a PEFT
   SEQ_CLS adapter (`modules_to_save=["score"]`) over the base, with the same scores;
-- ppo: the policy only (the value model's head and LoRA are not part of the export).
+- ppo: the policy only (the value model's head and LoRA are not part of the export);
+- grpo: a finished RL run also writes curves.png, with reward and KL panels.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ CASES = {  # name -> (stage, data file, method, extra sections)
     "dpo_lora": ("dpo", "pairs", LORA, {}),
     "kto_lora": ("kto", "kto", LORA, {}),
     "ppo_lora": ("ppo", "prompts", LORA, {"ppo": {"reward_fn": "exact_match"}}),
-    "grpo_lora": ("grpo", "prompts", LORA, {"grpo": {"reward_fns": ["exact_match"], "num_generations": 2}}),
+    "grpo_lora": ("grpo", "prompts", LORA, {"grpo": {"reward_fns": ["exact_match"], "num_generations": 2},
+                                            "logging": {**QUIET, "plot": True}}),  # fmt: skip
 }
 
 
@@ -87,7 +89,7 @@ def _train(base, name: str):
         "model": {"path": str(root / "base"), "tokenizer": "builtin:chars"},
         "data": {"train": [str(files[data])], "cutoff_len": 32, "bucket_multiple": 8},
         "method": method,
-        "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 2e-2, "save_every": 0},
+        "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 2e-2, "save_every": 0, "export_hf": False},
         "generation": {"max_new_tokens": 4},
         "logging": QUIET,
         **extra,
@@ -152,6 +154,12 @@ def test_adapter_runs_export_adapter_and_merged_model(base, name, tmp_path):
         np.testing.assert_allclose(hf_logits(peft_model, IDS), ours, atol=2e-4, rtol=0)
     assert _export(run_dir, tmp_path / "merged", "--merge") == 0
     np.testing.assert_allclose(hf_logits(_lm(tmp_path / "merged"), IDS), ours, atol=2e-4, rtol=0)
+    if name == "grpo_lora":  # an RL run draws its curves too, with reward and KL to the reference
+        from jaxtune.train import plot
+
+        assert (run_dir / "curves.png").stat().st_size > 0
+        drawn = {n for _, names in plot.panels(plot.load_metrics(run_dir)) for n in names}
+        assert {"loss", "reward", "kl"} <= drawn, drawn
     if name == "ppo_lora":  # the value model (its own LoRA and score head) stays out of the policy's export
         from safetensors.numpy import load_file
 

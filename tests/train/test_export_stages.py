@@ -74,8 +74,8 @@ CASES = {  # name -> (stage, data file, method, extra sections)
     "rm_lora": ("rm", "pairs", LORA, {}),
     "dpo_lora": ("dpo", "pairs", LORA, {}),
     "kto_lora": ("kto", "kto", LORA, {}),
-    "ppo_lora": ("ppo", "prompts", LORA, {"ppo": {"reward_fn": "exact_match"}}),
-    "grpo_lora": ("grpo", "prompts", LORA, {"grpo": {"reward_fns": ["exact_match"], "num_generations": 2},
+    "ppo_lora": ("ppo", "prompts", LORA, {"ppo": {"reward_fn": "char_match"}}),
+    "grpo_lora": ("grpo", "prompts", LORA, {"grpo": {"reward_fns": ["char_match"], "num_generations": 2},
                                             "logging": {**QUIET, "plot": True}}),  # fmt: skip
 }
 

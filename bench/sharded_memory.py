@@ -41,10 +41,10 @@ def measure(preset: str, method: str, batch: int, seq: int) -> dict:
     from jaxtune.data.batch import TokenBatch
     from jaxtune.methods import sft
     from jaxtune.methods.forward import LM
-    from jaxtune.parallel import make_mesh
+    from jaxtune.parallel import make_mesh, place
     from jaxtune.train import optim
     from jaxtune.train import state as state_lib
-    from jaxtune.train.sharding import bytes_per_device, global_batch, place, run_shardings
+    from jaxtune.train.sharding import bytes_per_device, global_batch, run_shardings
     from jaxtune.train.step import make_train_step
 
     cfg = load_config({"training": {"batch_size": batch}})

@@ -14,7 +14,7 @@ model itself, `jax.eval_shape` of `Decoder.init` (`models.model.abstract_variabl
   else (step counts, Adafactor's factored row / column statistics) is replicated;
 - `step` and `rng` are replicated; a batch is split along its leading dim, `batch -> (data, fsdp)`.
 
-`place` puts existing arrays into those shardings; `state.create(..., shardings=)` builds the optimiser state
+`place` (jaxtune.parallel) puts existing arrays into those shardings; `state.create(..., shardings=)` builds the optimiser state
 directly in its shards, and `models.hf.load_model(..., mesh=)` / `from_hf_config(..., mesh=)` load or create
 the base weights straight into theirs, so no process ever holds a full unsharded copy on one device.
 """

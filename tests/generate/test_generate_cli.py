@@ -37,18 +37,14 @@ def reply(directory, turns: list[str]) -> str:
     return tok.decode(out, skip_special_tokens=True)
 
 
+def greedy(chat_dir) -> list[str]:
+    """`jaxtune generate` with greedy decoding of NEW tokens and --jsonl output."""
+    return ["generate", "--model", str(chat_dir), "--temperature", "0", "--max-new-tokens", str(NEW), "--jsonl"]
+
+
 def test_generate_prints_the_library_completions(chat_dir, capsys):
     prompts = ["Reverse the word.\nabcde", "Uppercase the word.\nhgf"]
-    args = [
-        "generate",
-        "--model",
-        str(chat_dir),
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        str(NEW),
-        "--jsonl",
-    ]
+    args = greedy(chat_dir)
     assert cli.main(args + [a for p in prompts for a in ("--prompt", p)]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     expected = [reply(chat_dir, [p]) for p in prompts]
@@ -73,16 +69,7 @@ def test_generate_reads_a_dataset_file(chat_dir, tmp_path, capsys):
 def test_generate_reads_back_its_own_jsonl_output(chat_dir, tmp_path, capsys):
     """`--jsonl` rows ({"prompt", "completion"[, "answer"]}) are prompts for `--file`: the same greedy
     completions come back, and a row's answer is kept."""
-    base = [
-        "generate",
-        "--model",
-        str(chat_dir),
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        str(NEW),
-        "--jsonl",
-    ]
+    base = greedy(chat_dir)
     dataset = tmp_path / "prompts.json"
     dataset.write_text(json.dumps([{"instruction": "Reverse the word.", "input": "abc", "output": "cba"}]))
     assert cli.main([*base, "--prompt", "Uppercase the word.\nhgf", "--file", str(dataset)]) == 0

@@ -32,11 +32,11 @@ from jaxtune.config import load_config
 from jaxtune.data.batch import TokenBatch
 from jaxtune.methods import sft
 from jaxtune.methods.forward import LM
-from jaxtune.parallel import make_mesh
+from jaxtune.parallel import make_mesh, place
 from jaxtune.train import optim
 from jaxtune.train import state as state_lib
 from jaxtune.train.checkpoint import Checkpointer
-from jaxtune.train.sharding import RunShardings, bytes_per_device, global_batch, place, run_shardings
+from jaxtune.train.sharding import RunShardings, bytes_per_device, global_batch, run_shardings
 from jaxtune.train.step import make_train_step
 
 # vocab 64, width 32, MLP 48, 4 query heads and 2 KV heads of 8: every dim splits over fsdp=8 and tensor=2.

@@ -48,7 +48,13 @@ class ModelConfig:
     tokenizer: str | None = None  # None: same directory as `path`
     dtype: Dtype = "float32"  # compute dtype
     param_dtype: Dtype = "float32"  # storage dtype of the parameters
-    attention_impl: Literal["xla", "cudnn"] = "xla"
+    # auto: splash on TPU, pallas_gpu on GPU, xla elsewhere (jaxtune/models/attention.py); xla is the reference
+    attention_impl: Literal["auto", "xla", "cudnn", "splash", "pallas_gpu"] = "auto"
+    # splash block sizes (tokens; multiples of 128, clipped to the sequence): forward q / kv, backward q / kv
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
+    attention_block_q_bwd: int = 512
+    attention_block_kv_bwd: int = 512
     remat: Literal["none", "full", "dots"] = "none"  # activation checkpointing policy per layer
     scan_layers: bool = True  # nn.scan over layers: compile time independent of depth
     rope_scaling: dict[str, Any] | None = None  # None: the checkpoint's own; else overrides HF `rope_scaling`
@@ -63,6 +69,9 @@ class ModelConfig:
             "excludes model.random_init; give one of them",
         )
         positive(self, "quant_block_size")
+        for name in ("attention_block_q", "attention_block_kv", "attention_block_q_bwd", "attention_block_kv_bwd"):
+            value = getattr(self, name)
+            check(value > 0 and value % 128 == 0, name, "must be a positive multiple of 128 (TPU lanes)", value)
 
 
 @dataclasses.dataclass(frozen=True)

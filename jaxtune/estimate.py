@@ -69,6 +69,7 @@ def estimate(cfg, compile: bool = True) -> dict:
 
     from jaxtune.data.batch import TokenBatch
     from jaxtune.methods import METHODS
+    from jaxtune.models import attention
     from jaxtune.train import optim, state
     from jaxtune.train.run import build_run
     from jaxtune.train.step import make_train_step
@@ -86,7 +87,8 @@ def estimate(cfg, compile: bool = True) -> dict:
     shard_params = sizes["fsdp"] * sizes["tensor"]
     shard_batch = sizes["data"] * sizes["fsdp"]
     per_dev_batch = max(1, micro // shard_batch)
-    act = activation_bytes(arch, per_dev_batch, seq, m.remat, flash=m.attention_impl == "cudnn",
+    flash = attention.uses_kernel(run.lm.arch, m.attention_impl, seq)  # no [T, T] scores kept (auto: here)
+    act = activation_bytes(arch, per_dev_batch, seq, m.remat, flash=flash,
                            bytes_per=jnp.dtype(m.dtype).itemsize) // sizes["tensor"]  # fmt: skip
     out = {
         "model_type": arch.model_type,

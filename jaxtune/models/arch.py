@@ -75,7 +75,8 @@ class ArchConfig:
     # --- runtime switches (not from HF) ---
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention_impl: Literal["xla", "cudnn"] = "xla"
+    attention_impl: Literal["auto", "xla", "cudnn", "splash", "pallas_gpu"] = "auto"  # models/attention.py
+    attention_blocks: tuple[int, ...] = ()  # splash (q, kv, q_bwd, kv_bwd) block sizes; () = splash's defaults
     remat: Literal["none", "full", "dots"] = "none"
     scan_layers: bool = True
     neftune_alpha: float = 0.0  # NEFTune (Jain et al. 2023): uniform noise on input embeddings while training

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models import adapters_hook, kv_cache
+from jaxtune.models import adapters_hook, attention, kv_cache
 from jaxtune.models.arch import ArchConfig
 from jaxtune.models.layers import INIT_STD, Block, Norm, Proj, rope_tables
 from jaxtune.parallel.rules import constrain
@@ -30,22 +30,8 @@ REMAT_POLICIES = {
 class _ScanBlock(Block):
     """`nn.scan` wants (carry, x) -> (carry, y): the residual stream is the carry."""
 
-    def __call__(self, x, mask, cos, sin, positions, window):
-        return constrain(super().__call__(x, mask, cos, sin, positions, window), RESIDUAL), None
-
-
-def attention_mask(segment_ids: jax.Array, virtual: bool = False) -> jax.Array:
-    """[B, T] segment ids (0 = padding) -> [B, 1, T, T] bool: causal and within one document.
-
-    Padding tokens share segment 0, so each pad row still sees itself (no all-masked rows, hence no NaN),
-    and no real token ever sees a pad or another packed document.
-    """
-    t = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))  # [T, T]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
-    if virtual:  # prompt tuning: virtual tokens (segment -1, first in the row) are seen by every segment
-        same = same | (segment_ids[:, None, :] == adapters_hook.VIRTUAL_SEGMENT)
-    return (same & causal)[:, None]  # [B, 1, T, T]
+    def __call__(self, x, attn, cos, sin, positions, window):
+        return constrain(super().__call__(x, attn, cos, sin, positions, window), RESIDUAL), None
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -135,21 +121,21 @@ class Decoder(nn.Module):
         if a.positions == "learned":
             x = x + self.embed_positions(positions)
         x = constrain(x, RESIDUAL)
-        mask = cache_mask  # [B, 1, T, S]: a decode step sees the cache slots the caller marks
-        if cache_mask is None:
-            mask = attention_mask(segment_ids, virtual=a.peft.prompt_tokens > 0)  # [B, 1, T, T]
+        # once per pass: segment ids for a kernel, else the dense mask (a decode step's: the cache slots the
+        # caller marks); what a kernel cannot serve falls back to xla with one logged line (attention.py)
+        attn = attention.inputs(a, segment_ids, cache_mask)
         cos = sin = None
         if a.positions == "rope":
             cos, sin = rope_tables(a, positions, a.compute_dtype)  # [B, T, H]
         windows = jnp.asarray(a.layer_windows or (0,) * a.num_layers, jnp.int32)  # [L]
         if a.scan_layers:
             split = a.peft.layer_split or a.num_layers
-            x, _ = self.layers(x, mask, cos, sin, positions, windows[:split] if a.layer_windows else None)
+            x, _ = self.layers(x, attn, cos, sin, positions, windows[:split] if a.layer_windows else None)
             if a.peft.layer_split:
-                x, _ = self.top_layers(x, mask, cos, sin, positions, windows[split:] if a.layer_windows else None)
+                x, _ = self.top_layers(x, attn, cos, sin, positions, windows[split:] if a.layer_windows else None)
         else:
             for i, layer in enumerate(self.layers):
-                x = constrain(layer(x, mask, cos, sin, positions, windows[i] if a.layer_windows else None), RESIDUAL)
+                x = constrain(layer(x, attn, cos, sin, positions, windows[i] if a.layer_windows else None), RESIDUAL)
         if cache_mask is not None:
             return self.norm(x)  # [B, T, D]
         return adapters_hook.strip_virtual(self, self.norm(x))  # [B, T, D]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.errors import RunError
-from jaxtune.models import adapters_hook, kv_cache
+from jaxtune.models import adapters_hook, attention, kv_cache
 from jaxtune.models.arch import ArchConfig
 
 INIT_STD = 0.02
@@ -150,13 +150,13 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`."""
+    """Multi-head / grouped-query attention; `attention.py` picks the implementation (xla, cuDNN, a kernel)."""
 
     arch: ArchConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, positions, window):  # x [B, T, D]; mask [B, 1, T, S] bool
+    def __call__(self, x, attn, cos, sin, positions, window):  # x [B, T, D]; attn: attention.Inputs
         a = self.arch
         b, t, _ = x.shape
         n, k, hd = a.num_heads, a.num_kv_heads, a.head_dim
@@ -173,24 +173,13 @@ class Attention(nn.Module):
             key, val, key_pos = kv_cache.append(self, key, val, positions)  # [B, S, K, H]
         else:
             # prefix tuning / P-tuning v2: learned keys/values at positions 0..P-1 before the real ones
-            key, val, mask, key_pos = adapters_hook.prefix_kv(self, key, val, mask, positions)
+            key, val, mask, key_pos = adapters_hook.prefix_kv(self, key, val, attn.mask, positions)
+            attn = attn.replace(mask=mask)  # unchanged without prefixes (and None on a kernel path)
             kv_cache.store(self, key, val, key_pos)  # prefill, when the `cache` collection is mutable
-        out = attend(a, q, key, val, mask, window, positions, key_pos)  # [B, T, N, H]
+        out = attention.attend(a, attn, q, key, val, window, positions, key_pos)  # [B, T, N, H]
         out = out.reshape(b, t, n * hd)
         o_kw = dict(use_bias=a.o_bias, arch=a, deterministic=self.deterministic)
         return Proj(a.hidden_size, ("heads", "embed"), name="o_proj", **o_kw)(out)
-
-
-def attend(arch: ArchConfig, q, k, v, mask, window, q_pos, k_pos):
-    """Masked softmax attention. `mask` already holds causality, segments and padding for the xla path."""
-    if window is not None:
-        # Sliding window (Mistral, Qwen2 layer_types): key j is visible from query i iff pos_i - pos_j < window.
-        # Positions, not row indices, so a packed or padded document (and its virtual tokens / prefix, at
-        # positions 0..P-1) sees exactly what it would see alone; within one document the two coincide.
-        dist = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
-        mask = mask & ((window <= 0) | (dist < window))[:, None]
-    impl = arch.attention_impl
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "xla" else impl)
 
 
 class Block(nn.Module):
@@ -200,10 +189,10 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, positions, window):  # [B, T, D]
+    def __call__(self, x, attn, cos, sin, positions, window):  # [B, T, D]
         a, det = self.arch, self.deterministic
         h = Norm(a, name="input_layernorm")(x)
-        h = Attention(a, det, name="self_attn")(h, mask, cos, sin, positions, window)
+        h = Attention(a, det, name="self_attn")(h, attn, cos, sin, positions, window)
         h = adapters_hook.bottleneck(self, h, "attn_adapter", det)  # Houlsby: after attention
         x = x + h
         h = MLP(a, det, name="mlp")(Norm(a, name="post_attention_layernorm")(x))

@@ -103,21 +103,38 @@ def load_tokenizer(cfg):
     return None
 
 
-def check_attention_impl(impl: str) -> None:
-    """cuDNN flash attention exists only on NVIDIA GPUs: say so before anything is traced."""
+# Set (to 1) by tests that run the Pallas kernels through the interpreter on a CPU: a run may then name one.
+PALLAS_INTERPRET_ENV = "JAXTUNE_PALLAS_INTERPRET"
+_NEEDS = {"cudnn": "an NVIDIA GPU with cuDNN", "pallas_gpu": "a GPU (Pallas Triton kernel)",
+          "splash": "a TPU (Pallas splash attention)"}  # fmt: skip
+
+
+def check_attention_impl(impl: str) -> str:
+    """The implementation a run uses (`auto` resolved by backend, logged once), or a RunError before anything
+    is traced when the named one needs another platform."""
+    import os
+
     import jax
 
-    if impl == "cudnn" and jax.default_backend() != "gpu":
+    from jaxtune.models import attention
+
+    resolved = attention.resolve(impl)
+    backend = jax.default_backend()
+    native = resolved == "xla" or attention.PLATFORM[resolved] == backend
+    if not native and os.environ.get(PALLAS_INTERPRET_ENV) != "1":
         raise RunError(
-            f"model.attention_impl=cudnn needs an NVIDIA GPU with cuDNN, but JAX's backend here is "
-            f"{jax.default_backend()!r}: set model.attention_impl=xla on this machine."
+            f"model.attention_impl={impl} needs {_NEEDS[resolved]}, but JAX's backend here is "
+            f"{backend!r}: set model.attention_impl=xla on this machine."
         )
+    log.info("attention: %s%s (JAX backend %s)", "auto -> " if impl == "auto" else "", resolved, backend)
+    return resolved
 
 
 def _runtime(cfg, impl=None) -> dict:
     m = cfg.model
+    blocks = (m.attention_block_q, m.attention_block_kv, m.attention_block_q_bwd, m.attention_block_kv_bwd)
     return dict(dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=impl or m.attention_impl, remat=m.remat,
-                scan_layers=m.scan_layers)  # fmt: skip
+                scan_layers=m.scan_layers, attention_blocks=blocks)  # fmt: skip
 
 
 def _random_init(cfg, tokenizer) -> dict:
@@ -138,15 +155,15 @@ def build_model(cfg, mesh=None):
     from jaxtune.models import hf
 
     m = cfg.model
-    check_attention_impl(m.attention_impl)
+    impl = check_attention_impl(m.attention_impl)
     tokenizer = load_tokenizer(cfg)
     if m.path:
-        model = hf.load_model(m.path, tokenizer=tokenizer is None, mesh=mesh, **_runtime(cfg))
+        model = hf.load_model(m.path, tokenizer=tokenizer is None, mesh=mesh, **_runtime(cfg, impl))
         if tokenizer is not None:
             model.tokenizer = tokenizer
     elif m.random_init:
         model = hf.from_hf_config(_random_init(cfg, tokenizer), rng=cfg.seed, tokenizer=tokenizer, mesh=mesh,
-                                  **_runtime(cfg))  # fmt: skip
+                                  **_runtime(cfg, impl))  # fmt: skip
     else:
         raise _no_model()
     if model.tokenizer is None:
@@ -163,16 +180,17 @@ def build_model(cfg, mesh=None):
 def abstract_model(cfg):
     """`build_model` as shapes only: the architecture from config.json / `model.random_init` (with the
     tokenizer's vocabulary, as training has it), parameters as `ShapeDtypeStruct`s; no weight is read.
-    Traced with XLA's attention where cuDNN is absent (shapes do not depend on the kernel)."""
+    Traced with XLA's attention where the configured kernel's platform is absent (shapes do not depend on it)."""
     import jax
     from transformers import AutoConfig
 
-    from jaxtune.models import hf
+    from jaxtune.models import attention, hf
     from jaxtune.models.families import arch_from_hf
     from jaxtune.models.model import Model, init_params
 
     m = cfg.model
-    impl = m.attention_impl if jax.default_backend() == "gpu" else "xla"
+    impl = attention.resolve(m.attention_impl)
+    impl = impl if impl == "xla" or attention.PLATFORM[impl] == jax.default_backend() else "xla"
     tokenizer = load_tokenizer(cfg)
     if m.path:
         hf_config = hf.read_hf_config(m.path)

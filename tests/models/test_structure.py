@@ -12,7 +12,8 @@ from tiny_models import padded_batch, save_hf
 import jaxtune
 from jaxtune.models import CheckpointError, UnsupportedModelError
 from jaxtune.models.arch import ArchConfig
-from jaxtune.models.decoder import attention_mask, segment_positions
+from jaxtune.models.attention import attention_mask
+from jaxtune.models.decoder import segment_positions
 from jaxtune.models.layers import apply_rope, rope_tables
 from jaxtune.models.model import forward, param_logical_axes, prepare_inputs
 

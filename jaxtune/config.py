@@ -55,7 +55,7 @@ class ModelConfig:
     attention_block_kv: int = 512
     attention_block_q_bwd: int = 512
     attention_block_kv_bwd: int = 512
-    remat: Literal["none", "full", "dots"] = "none"  # activation checkpointing policy per layer
+    remat: Literal["none", "full", "dots", "offload"] = "none"  # activation checkpointing policy per layer
     scan_layers: bool = True  # nn.scan over layers: compile time independent of depth
     rope_scaling: dict[str, Any] | None = None  # None: the checkpoint's own; else overrides HF `rope_scaling`
     quantization: Literal["none", "nf4", "int8"] = "none"  # of the frozen base weights

@@ -57,6 +57,10 @@ def activation_bytes(arch, batch: int, seq: int, remat: str, flash: bool, bytes_
         return layers * per_layer_full
     if remat == "full":
         return layers * 2 * s * b * h + per_layer_full
+    if remat == "offload":
+        # the kept matmul outputs live in host memory between forward and backward: on the device, the layer
+        # input each layer saves plus the one layer being recomputed, as "full"
+        return layers * 2 * s * b * h + per_layer_full
     # "dots": matmul outputs are kept (q, k, v, o, gate, up, down), elementwise results recomputed
     kv = arch.num_kv_heads * arch.head_dim
     return layers * s * b * (3 * h + 2 * kv + 2 * arch.intermediate_size) * bytes_per + per_layer_full

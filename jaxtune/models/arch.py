@@ -77,7 +77,7 @@ class ArchConfig:
     param_dtype: str = "float32"
     attention_impl: Literal["auto", "xla", "cudnn", "splash", "pallas_gpu"] = "auto"  # models/attention.py
     attention_blocks: tuple[int, ...] = ()  # splash (q, kv, q_bwd, kv_bwd) block sizes; () = splash's defaults
-    remat: Literal["none", "full", "dots"] = "none"
+    remat: Literal["none", "full", "dots", "offload"] = "none"
     scan_layers: bool = True
     neftune_alpha: float = 0.0  # NEFTune (Jain et al. 2023): uniform noise on input embeddings while training
     peft: PeftSpec = field(default_factory=PeftSpec)

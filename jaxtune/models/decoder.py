@@ -24,6 +24,8 @@ RESIDUAL = ("batch", "length", "embed")
 REMAT_POLICIES = {
     "full": None,  # recompute everything in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # the dots "dots" keeps, moved to host memory after the forward and back for the backward
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 

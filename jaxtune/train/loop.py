@@ -21,8 +21,9 @@ from jaxtune.peft import merge_variables
 from jaxtune.train.evaluate import eval_loss, generation_eval
 from jaxtune.train.lifecycle import Signals, due, finish, interrupted
 from jaxtune.train.metrics import MetricsWriter
+from jaxtune.train.prefetch import Prefetcher
 from jaxtune.train.run import Run, build_run
-from jaxtune.train.sharding import global_batch, to_host
+from jaxtune.train.sharding import to_host
 
 log = logging.getLogger("jaxtune.train")
 
@@ -63,30 +64,49 @@ def train(run: Run) -> dict:
 
     writer = MetricsWriter(run.run_dir, cfg.logging, steps, int(state.step), enabled=run.main)
     stop_reason = "completed"
-    batches = iter(run.train_it)
     start = int(state.step)
     last_good = run.resumed
-    t0 = time.perf_counter()
-    with Signals() as signals:
+    clock = {"t0": time.perf_counter()}
+    clock["done"] = clock["t0"]
+
+    def settle(step, metrics, produced):
+        """Step `step` finished: read its metrics (blocks until it has), NaN policy, progress, metrics.jsonl."""
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        if step == start + 1:
+            log.info("first step (incl. compilation) took %.1f s", now - clock["t0"])
+        metrics["step_time_s"], clock["done"] = now - clock["done"], now  # wall time since the previous step
+        if not metrics.pop("finite"):
+            if t.nan_policy == "stop":
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {step} (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); "
+                    f"last good checkpoint: {ckpt.dir}/{last_good}" if last_good is not None else
+                    f"non-finite loss at step {step}; no checkpoint was saved yet"
+                )  # fmt: skip
+            log.warning("step %d: non-finite loss, update skipped (nan_policy=skip)", step)
+        writer.progress(step, metrics, float(metrics["tokens"]))
+        if step % cfg.logging.log_every == 0 or step == steps:
+            writer.write(step, {**metrics, "data_efficiency": produced.efficiency})  # non-pad / all tokens
+
+    pending = None  # (step, device metrics, produced batch): read once the next step is dispatched
+    with Signals() as signals, Prefetcher(run.train_it, run.mesh, steps - start, t.prefetch) as batches:
         for step in range(start + 1, steps + 1):
-            batch = global_batch(next(batches), run.mesh)  # this process's rows of the global batch
-            state, metrics = run.train_step(state, frozen, batch)
-            if step == start + 1:
-                log.info("first step (incl. compilation) took %.1f s", time.perf_counter() - t0)
-            metrics = jax.device_get(metrics)
-            if not metrics.pop("finite"):
-                if t.nan_policy == "stop":
-                    raise NonFiniteLoss(
-                        f"non-finite loss at step {step} (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); "
-                        f"last good checkpoint: {ckpt.dir}/{last_good}" if last_good is not None else
-                        f"non-finite loss at step {step}; no checkpoint was saved yet"
-                    )  # fmt: skip
-                log.warning("step %d: non-finite loss, update skipped (nan_policy=skip)", step)
-            writer.progress(step, metrics, float(metrics["tokens"]))
-            if step % cfg.logging.log_every == 0 or step == steps:
-                writer.write(step, {**metrics, "data_efficiency": run.train_it.efficiency})  # non-pad / all tokens
+            try:
+                produced = next(batches)  # this process's rows of the global batch, already on the mesh
+            except StopIteration:
+                raise RunError(f"the training data ran out before step {step} of {steps}") from None
+            state, metrics = run.train_step(state, frozen, produced.batch)  # dispatched; runs while we go on
+            if pending is not None:
+                settle(*pending)  # the previous step's metrics, read while this step runs
+                pending = None
+            evaluating = eval_it is not None and t.eval_every and step % t.eval_every == 0 and step != steps
+            if not (evaluating or signals.received or due(run, step, stop_reason)):
+                pending = (step, metrics, produced)  # nothing needs this step's state before the next step
+                continue
+            # eval / checkpoint / stop use this step's state, which the next step would donate: settle it now
+            settle(step, metrics, produced)
             evaluated = None
-            if eval_it is not None and t.eval_every and step % t.eval_every == 0 and step != steps:
+            if evaluating:
                 evaluated = evaluate(step)
                 if _early_stop(evaluated, meta, t, step):
                     stop_reason = "early_stopping"
@@ -96,7 +116,8 @@ def train(run: Run) -> dict:
                 if step == steps and eval_it is not None:
                     evaluated = evaluate(step)
                     _early_stop(evaluated, meta, t, step)
-                ckpt.save(step, state, run.train_it.get_state(), meta, metrics=_ckpt_metrics(evaluated, t))
+                # the iterator state after the batch this step consumed, not after what the producer read ahead
+                ckpt.save(step, state, produced.data_state, meta, metrics=_ckpt_metrics(evaluated, t))
                 last_good = step
             if stop_reason != "completed":
                 log.info("stopping at step %d: %s (checkpoint %s/%d)", step, stop_reason, ckpt.dir, step)

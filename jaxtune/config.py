@@ -203,6 +203,7 @@ class TrainingConfig:
     loss_chunk_size: int | None = None  # vocab chunk for log-probs; None: auto
     resume: Literal["auto", "never", "must"] = "auto"  # latest checkpoint in output_dir; never: refuse one
     async_checkpointing: bool = True
+    prefetch: int = 2  # batches a producer thread keeps placed on the mesh ahead of the step; 0: synchronous
     export_hf: bool = True  # write a Hugging Face directory (or PEFT adapter) at the end
     no_decay_patterns: tuple[str, ...] = (r"bias$", "norm")  # regexes over parameter paths
     lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)  # path regex -> lr multiplier
@@ -212,7 +213,7 @@ class TrainingConfig:
         positive(self, "eval_batch_size", "eval_steps", "keep_last", "early_stopping_patience")
         positive(self, "neftune_alpha", "loss_chunk_size")
         non_negative(self, "weight_decay", "max_grad_norm", "warmup_steps", "eval_every", "save_every")
-        non_negative(self, "eval_generate")
+        non_negative(self, "eval_generate", "prefetch")
         non_negative(self, "z_loss")
         regexes(self, "no_decay_patterns", "lr_multipliers")
         fraction(self, "warmup_ratio", "min_lr_ratio")

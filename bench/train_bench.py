@@ -58,7 +58,25 @@ LR = {"full": 1e-5, "lora": 2e-4, "qlora": 2e-4}
 
 
 def _words(rng: random.Random, n: int) -> str:
-    syll = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "be", "da", "fu", "ge", "ho", "ji", "pe", "qu", "ze")
+    syll = (
+        "ka",
+        "lo",
+        "mi",
+        "ne",
+        "ru",
+        "sa",
+        "ti",
+        "vo",
+        "be",
+        "da",
+        "fu",
+        "ge",
+        "ho",
+        "ji",
+        "pe",
+        "qu",
+        "ze",
+    )
     return " ".join("".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(n))
 
 
@@ -200,7 +218,9 @@ def run_torch(args, shape, data, tok, work: Path) -> dict:
     tokenizer = transformers.AutoTokenizer.from_pretrained(tok)
     from jaxtune.data.templates import TEMPLATES
 
-    steps = torch_steps(args, alpaca_pairs(json.loads(data.read_text()), TEMPLATES["alpaca"]), tokenizer, flash)
+    steps = torch_steps(
+        args, alpaca_pairs(json.loads(data.read_text()), TEMPLATES["alpaca"]), tokenizer, flash
+    )
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -239,12 +259,15 @@ def run_torch(args, shape, data, tok, work: Path) -> dict:
                 torch.cuda.synchronize()
             times[-1].append(time.perf_counter())
 
+    # transformers 5 renames gradient_checkpointing
+    fields = transformers.TrainingArguments.__dataclass_fields__
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     targs = transformers.TrainingArguments(
         output_dir=str(work / "torch_run"), per_device_train_batch_size=1, max_steps=args.steps,
         learning_rate=LR[args.method], warmup_steps=0, lr_scheduler_type="cosine", weight_decay=0.0,
         max_grad_norm=1.0, bf16=cuda, logging_steps=1, save_strategy="no", report_to=[], use_cpu=not cuda,
-        gradient_checkpointing=args.remat != "none", dataloader_num_workers=0, remove_unused_columns=False,
-        disable_tqdm=True)  # fmt: skip
+        **{ckpt: args.remat != "none", f"{ckpt}_kwargs": {"use_reentrant": False}},
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)  # fmt: skip
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=Steps(),
                                    data_collator=lambda items: items[0], callbacks=[Clock()])  # fmt: skip
     if cuda:
@@ -315,7 +338,9 @@ def main(argv=None) -> list[dict]:
                    "--steps", str(args.steps), "--skip", str(args.skip), "--seq", str(args.seq),
                    "--batch", str(args.batch), "--remat", args.remat, "--workdir", tmp]  # fmt: skip
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ)
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ
+                )
                 found = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"side"')]
                 reason = None if found else f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}"
             except subprocess.TimeoutExpired:

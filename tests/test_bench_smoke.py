@@ -32,5 +32,7 @@ def test_gpu_suite_cpu_smoke():
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_gpu_suite_shellcheck():
-    proc = subprocess.run(["shellcheck", str(ROOT / "bench" / "gpu_suite.sh")], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["shellcheck", str(ROOT / "bench" / "gpu_suite.sh")], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout

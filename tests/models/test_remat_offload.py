@@ -12,7 +12,9 @@ SHAPE = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidde
 
 
 def _loss_and_grads(remat: str, scan: bool):
-    model = from_hf_config(SHAPE, rng=0, dtype="float32", param_dtype="float32", remat=remat, scan_layers=scan)
+    model = from_hf_config(
+        SHAPE, rng=0, dtype="float32", param_dtype="float32", remat=remat, scan_layers=scan
+    )
     ids = np.random.RandomState(0).randint(0, 64, (2, 16)).astype(np.int32)
     ids, seg, pos = prepare_inputs(ids)
 

@@ -95,9 +95,8 @@ def make_dataset(directory: Path, tokens_needed: int, seed: int = 0) -> Path:
 
 
 def make_tokenizer(directory: Path, data: Path, vocab: int) -> Path:
-    """A byte-level BPE trained on the generated rows, saved as a transformers tokenizer directory."""
+    """A byte-level BPE trained on the generated rows, as a directory `AutoTokenizer` loads."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -107,9 +106,13 @@ def make_tokenizer(directory: Path, data: Path, vocab: int) -> Path:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     rows = json.loads(data.read_text())
     tok.train_from_iterator((" ".join(r.values()) for r in rows[:2000]), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    out = directory / "tokenizer"
-    fast.save_pretrained(out)
+    out = directory / "tokenizer"  # written by hand: importing transformers here costs seconds
+    out.mkdir()
+    tok.save(str(out / "tokenizer.json"))
+    special = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **special})
+    )
     return out
 
 

@@ -20,7 +20,7 @@ from jaxtune.data import prepare
 from jaxtune.data.batching import chunk, truncate
 from jaxtune.data.errors import DataError, ErrorPolicy
 from jaxtune.data.records import Conversation, Preference, Text, where
-from jaxtune.data.tokenize import encode_example, encode_pair, encode_prompt
+from jaxtune.data.tokenize import encode_example, encode_examples, encode_pair, encode_prompt
 from jaxtune.errors import RunError
 
 log = logging.getLogger("jaxtune.data")
@@ -53,6 +53,8 @@ class Encoder:
         kind: str,
         *,
         template: str | None = _DEFAULTS.template,
+        template_kwargs: dict | None = None,
+        rewritten_history: str = _DEFAULTS.rewritten_history,
         cutoff_len: int = _DEFAULTS.cutoff_len,
         train_on_prompt: bool = _DEFAULTS.train_on_prompt,
         mask_history: bool = _DEFAULTS.mask_history,
@@ -65,10 +67,17 @@ class Encoder:
             raise RunError(f"overlength must be 'truncate' or 'drop', got {overlength!r}")
         self.tokenizer, self.kind = tokenizer, check_kind(kind)
         self.template, self.cutoff_len = template, int(cutoff_len)
-        self.opts = {"train_on_prompt": train_on_prompt, "mask_history": mask_history}
+        self.report = report if report is not None else prepare.Report()
+        self.template_kwargs = dict(template_kwargs or {})
+        self.opts = {
+            "train_on_prompt": train_on_prompt,
+            "mask_history": mask_history,
+            "template_kwargs": self.template_kwargs,
+            "counts": self.report.tokens,
+        }
+        self.rewritten_history = rewritten_history
         self.min_length, self.overlength = min_length or 0, overlength
         self.policy = policy or ErrorPolicy("raise")
-        self.report = report if report is not None else prepare.Report()
         self.bos_id = getattr(tokenizer, "bos_token_id", None)
 
     def __call__(self, record) -> list:
@@ -77,6 +86,12 @@ class Encoder:
         except DataError as err:
             self.policy.handle(err.at(**where(record)))  # raises, or counts and logs the skip
             return []
+
+    @property
+    def _whole(self) -> dict:
+        """Options for items that are one whole conversation (pairs, KTO): rewritten turns are never split
+        out of them ("split" acts as "final")."""
+        return {**self.opts, "rewritten_history": self.rewritten_history}
 
     def _fits(self, n: int) -> bool:
         if n < self.min_length:
@@ -102,20 +117,25 @@ class Encoder:
                 raise self._wrong(record, "text or conversations")
             pt = self.kind == "text"
             opts = {**self.opts, "train_on_prompt": pt or self.opts["train_on_prompt"]}
-            ex = encode_example(record, self.tokenizer, self.template, **opts)
-            if not self._fits(len(ex)):
-                return []
-            if len(ex) <= self.cutoff_len:
-                return [ex]
-            if pt or isinstance(record, Text):
-                self.report.truncated -= 1
-                self.report.chunked += 1
-                return chunk(ex, self.cutoff_len)
-            return [truncate(ex, self.cutoff_len, self.bos_id)]
+            out = []
+            for ex in encode_examples(
+                record, self.tokenizer, self.template, rewritten_history=self.rewritten_history, **opts
+            ):
+                if not self._fits(len(ex)):
+                    continue
+                if len(ex) <= self.cutoff_len:
+                    out.append(ex)
+                elif pt or isinstance(record, Text):
+                    self.report.truncated -= 1
+                    self.report.chunked += 1
+                    out += chunk(ex, self.cutoff_len)
+                else:
+                    out.append(truncate(ex, self.cutoff_len, self.bos_id))
+            return out
         if self.kind == "pair":
             if not isinstance(record, Preference):
                 raise self._wrong(record, "chosen and rejected responses")
-            c, r = encode_pair(record, self.tokenizer, self.template, **self.opts)
+            c, r = encode_pair(record, self.tokenizer, self.template, **self._whole)
             if not self._fits(max(len(c), len(r))):
                 return []
             resp = max(len(c) - c.prompt_len, len(r) - r.prompt_len)
@@ -135,12 +155,12 @@ class Encoder:
                     reason="missing field",
                     **where(record),
                 )
-            ex = encode_example(record, self.tokenizer, self.template, **self.opts)
+            ex = encode_example(record, self.tokenizer, self.template, **self._whole)
             if not self._fits(len(ex)):
                 return []
             return [(truncate(ex, self.cutoff_len, self.bos_id), record.label)]
         prompt = prepare.as_prompt(record)
-        ids = encode_prompt(prompt, self.tokenizer, self.template)
+        ids = encode_prompt(prompt, self.tokenizer, self.template, self.template_kwargs)
         if len(ids) > self.cutoff_len:  # a cut prompt would be a different question: drop it
             self.report.filtered[f"prompt longer than cutoff_len={self.cutoff_len}"] += 1
             return []

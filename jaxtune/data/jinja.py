@@ -1,49 +1,164 @@
-"""Render a record with the tokenizer's own Jinja `chat_template`, and find the trained character spans.
+"""Render a record with a Jinja `chat_template` (the tokenizer's own, or one given in the config) and find the
+character spans to train.
 
-Spans come from rendering prefixes (the approach of TRL's and torchtune's prefix checks): the assistant turn
-`i` occupies `render(messages[:i+1])` minus `render(messages[:i], add_generation_prompt=True)`, so the
-generation prompt is excluded and the end-of-turn marker included, whatever the template's syntax. Trailing
-whitespace after the end-of-turn marker is excluded (the model never generates it). This needs templates
-whose renders of prefixes are prefixes of the full render; templates that rewrite history (e.g. strip
-earlier `<think>` blocks) break that, and then sentinel characters placed around each assistant content
-locate the spans instead, extended over the end-of-turn marker found from a probe render. A history turn
-the template drops is then simply not trained.
+The text is exactly `tokenizer.apply_chat_template(messages, tools=tools, **template_kwargs)`. What is trained
+of it is what the model generates: each assistant turn as the template writes it after the generation prompt
+(so Qwen3's `<think>` block and Mistral's space after `[/INST]` are trained) up to and including the turn's own
+end marker (`<|im_end|>`, `<|eot_id|>`, `<|end|>`, `</s>`, `<end_of_turn>`, `<｜end▁of▁sentence｜>`...), never
+the next role header, the newline after the marker or an end-of-text the template appends after the last turn.
 
-Record roles map to the OpenAI convention templates expect: function_call -> assistant `tool_calls`,
-observation -> `tool`.
+How a turn is found, for any template:
+1. **As the last turn.** Turn `i` as the model produces it at inference is `render(messages[:i+1])` after
+   `render(messages[:i], add_generation_prompt=True)`, cut after the end marker. The end marker is learnt once
+   per template from two probe renders (the tokens a probe answer is followed by both when it ends the
+   conversation and when a user turn follows it).
+2. **In the whole conversation.** Where that text sits at the same place in the whole render, it is trained
+   there. Otherwise sentinel characters placed around each answer locate it, and it is trained there if the
+   template writes it there exactly as it would as the last turn (Mistral v0.3, which moves the system prompt
+   into the last user turn, is found this way).
+3. **Templates that rewrite history** write some earlier turns differently (Qwen3 and QwQ drop the reasoning of
+   turns before the last user message; Qwen3 writes the empty `<think>` block only in the final turn). What is
+   trained then is `data.rewritten_history`:
+   - `split` (default): each such turn becomes an example of its own, the conversation up to and including
+     it, with that turn trained as the template renders it last: every turn is trained as the model will
+     produce it at inference, at the cost of repeating the history;
+   - `final`: only the whole conversation, and the rewritten turns are not trained (counted in the log);
+   - `as_rendered`: only the whole conversation, every turn trained as it is written there (what a
+     `{% generation %}` mask over that template gives; earlier turns then train without their reasoning).
+A template with `{% generation %}` blocks defines its own assistant mask, which is used as it is.
+
+Record roles map to the OpenAI convention templates expect: function_call -> assistant with `tool_calls`
+(`{id, type: function, function: {name, arguments}}`, arguments as an object when they are JSON) and its
+content, observation -> `tool` with its `tool_call_id`. Templates that read tool-call ids (Mistral's) get ids
+generated (9 alphanumerics, stable per turn) where the data has none, and each tool result then answers the
+calls before it in order. Reasoning goes in `reasoning_content` for templates that read a reasoning field;
+for the others it is written into the content as `<think>...</think>` (DeepSeek-R1's convention), and a
+template that then drops it (DeepSeek-R1-Distill keeps only the text after `</think>`) is counted and logged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import re
 
 from jaxtune.data.errors import DataError
-from jaxtune.data.templates import Rendered
+from jaxtune.data.templates import THINK, Rendered
 
-_START, _END = "\ue000", "\ue001"  # private-use characters, absent from real data
+_START, _END, _PROBE = "\ue000", "\ue001", "\ue002"  # private-use characters, absent from real data
 _SENTINELS = re.compile(f"{_START}(\\d+){_START}|{_END}")
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_READS_REASONING = re.compile(r"""\.(reasoning_content|reasoning|thinking)\b|\[\s*['"](reasoning_content|reasoning|thinking)['"]\s*\]""")  # fmt: skip
+_READS_IDS = re.compile(r"""tool_call_id|tool_call\.id\b|\[\s*['"]id['"]\s*\]""")
+_ALNUM = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+TRAINED = ("assistant", "function_call")
+HISTORY_POLICIES = ("split", "final", "as_rendered")
+# apply_chat_template's own parameters: a template variable of these names cannot be passed through.
+RESERVED_KWARGS = frozenset(
+    ("conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+     "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+     "return_assistant_tokens_mask", "tokenizer_kwargs")
+)  # fmt: skip
 
 
-def hf_messages(system, messages, loc: dict) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class Chat:
+    """What renders: a tokenizer, a template (None: the tokenizer's own) and extra template variables."""
+
+    tokenizer: object
+    source: str | None = None
+    kwargs_json: str = "{}"  # template variables (e.g. enable_thinking), as JSON so the Chat is hashable
+
+    @functools.cached_property
+    def kwargs(self) -> dict:
+        return json.loads(self.kwargs_json)
+
+    @functools.cached_property
+    def text(self) -> str:
+        """The template's Jinja source."""
+        try:
+            return self.tokenizer.get_chat_template(self.source)
+        except Exception:  # duck-typed tokenizers: the source given, or the tokenizer's attribute
+            return self.source or getattr(self.tokenizer, "chat_template", "") or ""
+
+    @functools.cached_property
+    def reads_reasoning(self) -> bool:
+        return bool(_READS_REASONING.search(self.text))
+
+    @functools.cached_property
+    def reads_ids(self) -> bool:
+        return bool(_READS_IDS.search(self.text))
+
+    def render(self, msgs: list[dict], tools, gen: bool = False) -> str:
+        if not msgs:
+            return ""
+        return self.tokenizer.apply_chat_template(
+            msgs, tools=tools, tokenize=False, add_generation_prompt=gen, chat_template=self.source,
+            **self.kwargs,
+        )  # fmt: skip
+
+
+def chat_for(tokenizer, source: str | None, kwargs: dict | None) -> Chat:
+    kwargs = dict(kwargs or {})
+    clash = sorted(RESERVED_KWARGS & set(kwargs))
+    if clash:
+        raise DataError(
+            f"template_kwargs may not set {', '.join(clash)} (apply_chat_template's own parameters)",
+            field="template_kwargs",
+            reason="bad template kwargs",
+        )
+    return Chat(tokenizer, source, json.dumps(kwargs, sort_keys=True, default=str))
+
+
+def _call_id(i: int, k: int, call) -> str:
+    """A stable 9-character id for call `k` of message `i` (Mistral's templates require exactly that shape)."""
+    n = int.from_bytes(hashlib.sha1(f"{i}:{k}:{call.name}:{call.arguments}".encode()).digest()[:8], "big")
+    return "".join(_ALNUM[(n // 62**d) % 62] for d in range(9))
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def hf_messages(chat: Chat, system, messages) -> list[dict]:
+    """Record messages -> the OpenAI-style dicts chat templates read."""
     out = [{"role": "system", "content": system}] if system else []
+    pending: list[str] = []  # ids of the calls still waiting for a result
     for i, m in enumerate(messages):
-        if m.role == "function_call":
-            try:
-                calls = json.loads(m.content)
-            except json.JSONDecodeError:
-                raise DataError(
-                    "function_call content must be JSON {'name', 'arguments'}",
-                    field=f"messages[{i}]",
-                    reason="bad tool call",
-                    **loc,
-                ) from None
-            calls = calls if isinstance(calls, list) else [calls]
-            tool_calls = [{"type": "function", "function": c} for c in calls]
-            out.append({"role": "assistant", "content": "", "tool_calls": tool_calls})
+        if m.role in TRAINED:
+            content = m.content
+            d = {"role": "assistant"}
+            if m.reasoning and chat.reads_reasoning:
+                d["reasoning_content"] = m.reasoning
+            elif m.reasoning:
+                content = THINK.replace("{reasoning}", m.reasoning) + content
+            d["content"] = content
+            if m.tool_calls:
+                calls = []
+                for k, c in enumerate(m.tool_calls):
+                    call = {"type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                    call_id = c.id or (_call_id(i, k, c) if chat.reads_ids else None)
+                    if call_id is not None:
+                        call["id"] = call_id
+                    calls.append(call)
+                pending = [c["id"] for c in calls if "id" in c]
+                d["tool_calls"] = calls
+            out.append(d)
         elif m.role == "observation":
-            out.append({"role": "tool", "content": m.content})
+            d = {"role": "tool", "content": m.content}
+            call_id = m.tool_call_id or (pending[0] if pending else None)
+            if m.tool_call_id in pending:
+                pending.remove(m.tool_call_id)
+            elif pending and call_id == pending[0]:
+                pending.pop(0)
+            if call_id is not None:
+                d["tool_call_id"] = call_id
+            out.append(d)
         else:
             out.append({"role": m.role, "content": m.content})
     return out
@@ -65,89 +180,263 @@ def hf_tools(tools: str | None, loc: dict):
     ]
 
 
-def _render(tok, msgs, tools, gen: bool) -> str:
-    """`tok` is (tokenizer, chat_template): None renders with the tokenizer's own template."""
-    tokenizer, template = tok
-    return tokenizer.apply_chat_template(
-        msgs, tools=tools, tokenize=False, add_generation_prompt=gen, chat_template=template
-    )
+# ---- the template's turn shape, from probe renders ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    lead: str  # what the template writes between the generation prompt and a last turn's plain answer
+    marker: str  # the end-of-turn marker after an answer ("" for templates with none, e.g. GLM-4)
+
+
+def _common_tokens(tokenizer, a: str, b: str) -> str:
+    """The longest common prefix of `a` and `b` in whole tokens (so `<|endoftext|>` vs `<|user|>` share none)."""
+    try:
+        ea = tokenizer(a, add_special_tokens=False, return_offsets_mapping=True)
+        eb = tokenizer(b, add_special_tokens=False)
+        n = 0
+        for x, y in zip(ea["input_ids"], eb["input_ids"]):
+            if x != y:
+                break
+            n += 1
+        return a[: ea["offset_mapping"][n - 1][1]] if n else ""
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return a[:n]
 
 
 @functools.lru_cache(maxsize=64)
-def _turn_end(tok) -> str:
-    """The end-of-turn text a template writes after assistant content (e.g. `<|im_end|>`), from a probe."""
-    probe = "\ue002"
-    text = _render(
-        tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}], None, False
-    )
-    return text[text.index(probe) + 1 :].rstrip() if probe in text else ""
+def shape(chat: Chat) -> Shape:
+    user, answer = {"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}
+    for head in ([], [{"role": "system", "content": "s"}]):  # some templates require a system message
+        try:
+            last = chat.render([*head, user, answer], None)
+            mid = chat.render([*head, user, answer, {"role": "user", "content": "y"}], None)
+            pre = chat.render([*head, user], None, True)
+        except Exception:
+            continue
+        if _PROBE not in last or _PROBE not in mid:
+            continue
+        tail_last, tail_mid = last[last.index(_PROBE) + 1 :], mid[mid.index(_PROBE) + 1 :]
+        marker = _common_tokens(chat.tokenizer, tail_last, tail_mid).rstrip()
+        lead = last[len(pre) : last.index(_PROBE)] if last.startswith(pre) else ""
+        return Shape(lead, marker)
+    return Shape("", "")
+
+
+def _cut(text: str, marker: str) -> str:
+    """A turn's text up to and including its end marker (or without trailing whitespace, if it has none)."""
+    if marker:
+        k = text.find(marker)
+        if k >= 0:
+            return text[: k + len(marker)]
+    return text.rstrip()
+
+
+# ---- sentinels: where each answer lands in a render -----------------------------------------------------
+
+
+def _mark(content: str, i: int) -> str | None:
+    """`content` with sentinels around its answer: after any `</think>` and inside outer whitespace, which
+    templates split off or trim. None when there is no answer text to mark (a tool-call-only turn)."""
+    head, sep, body = content.rpartition("</think>")
+    core = body.strip()
+    if not core:
+        return None
+    k = body.index(core)
+    return head + sep + body[:k] + f"{_START}{i}{_START}" + core + _END + body[k + len(core) :]
+
+
+def _cores(chat: Chat, msgs, tools, turns: dict[int, int], text: str) -> dict[int, tuple[int, int]]:
+    """Answer positions in `text` (the render of `msgs`) of the turns {message index: dict index}."""
+    marked = [dict(m) for m in msgs]
+    for i, j in turns.items():
+        new = _mark(msgs[j].get("content") or "", i)
+        if new is not None:
+            marked[j]["content"] = new
+    try:
+        rendered = chat.render(marked, tools)
+    except Exception:
+        return {}
+    out, pos, clean, open_ = {}, 0, [], None
+    for match in _SENTINELS.finditer(rendered):
+        clean.append(rendered[pos : match.start()])
+        here = sum(map(len, clean))
+        if match.group(1) is not None:
+            open_ = (int(match.group(1)), here)
+        elif open_ is not None:
+            out[open_[0]] = (open_[1], here)
+            open_ = None
+        pos = match.end()
+    clean.append(rendered[pos:])
+    return out if "".join(clean) == text else {}  # sentinels that changed the render locate nothing
+
+
+def _after(text: str, b: int, marker: str) -> int | None:
+    """End of the turn whose answer ends at `b`: over whitespace the template kept, then the marker."""
+    if not marker:
+        return b
+    k = b
+    while k < len(text) and text[k].isspace() and not text.startswith(marker, k):
+        k += 1
+    return k + len(marker) if text.startswith(marker, k) else None
+
+
+# ---- locating one turn ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Turn:
+    i: int  # message index (without the system message)
+    j: int  # index in the rendered message list
+    pre: str  # render of the messages before it, with the generation prompt
+    upto: str  # render of the conversation ending with it
+    text: str | None  # the turn as the model produces it last; None when `pre` is not a prefix of `upto`
+
+
+def _turn(chat: Chat, msgs, tools, i: int, j: int, sh: Shape) -> _Turn:
+    pre = chat.render(msgs[:j], tools, True)
+    upto = chat.render(msgs[: j + 1], tools)
+    text = _cut(upto[len(pre) :], sh.marker) if upto.startswith(pre) else None
+    return _Turn(i, j, pre, upto, text)
+
+
+def _find(chat: Chat, msgs, tools, t: _Turn, text: str, core, sh: Shape) -> tuple[int, int] | None:
+    """Where turn `t` is written in `text` exactly as the model produces it last, or None."""
+    if t.text is not None and text.startswith(t.pre) and text.startswith(t.text, len(t.pre)):
+        return len(t.pre), len(t.pre) + len(t.text)
+    if core is None:
+        return None
+    a, b = core
+    if t.text is not None:  # the answer's place inside the turn's own text, from its render as the last turn
+        own = _cores(chat, msgs[: t.j + 1], tools, {t.i: t.j}, t.upto).get(t.i)
+        if own is None:
+            return None
+        start = a - (own[0] - len(t.pre))
+        return (start, start + len(t.text)) if start >= 0 and text.startswith(t.text, start) else None
+    # The prompt renders differently when it ends the conversation (e.g. Mistral v0.3 writes the system
+    # prompt into the last user turn only): take the template's plain turn shape from the probe.
+    start, end = a - len(sh.lead), _after(text, b, sh.marker)
+    return (start, end) if start >= 0 and end is not None and text[start:a] == sh.lead else None
+
+
+def _as_rendered(text: str, core, sh: Shape) -> tuple[int, int] | None:
+    """A rewritten turn trained as the whole render writes it: its answer, any lead, its end marker."""
+    if core is None:
+        return None
+    a, b = core
+    start = a - len(sh.lead) if sh.lead and text[:a].endswith(sh.lead) else a
+    end = _after(text, b, sh.marker)
+    return start, b if end is None else end
+
+
+# ---- the record -------------------------------------------------------------------------------------------
 
 
 def render_jinja(
-    tokenizer, chat_template, system, tools, messages, weights, loc: dict, generation_prompt: bool = False
-) -> Rendered:
-    """`chat_template`: Jinja source, or None for the tokenizer's own."""
-    tokenizer = (tokenizer, chat_template)
-    msgs = hf_messages(system, messages, loc)
-    off = 1 if system else 0
+    tokenizer,
+    chat_template,
+    system,
+    tools,
+    messages,
+    weights,
+    loc: dict,
+    generation_prompt: bool = False,
+    template_kwargs: dict | None = None,
+    history: str = "split",
+) -> list[Rendered]:
+    """The record's renders: the whole conversation first, then (history="split") one per rewritten turn.
+
+    `chat_template`: Jinja source, or None for the tokenizer's own.
+    """
+    if history not in HISTORY_POLICIES:
+        raise DataError(
+            f"rewritten_history must be one of {', '.join(HISTORY_POLICIES)}, got {history!r}",
+            field="rewritten_history",
+            reason="bad option",
+        )
+    chat = chat_for(tokenizer, chat_template, template_kwargs)
+    msgs = hf_messages(chat, system, messages)
     tools = hf_tools(tools, loc)
     try:
-        full = _render(tokenizer, msgs, tools, generation_prompt)
-        if generation_prompt or not any(m.role in ("assistant", "function_call") for m in messages):
-            return Rendered(full, (), len(full))
-        return _by_prefixes(tokenizer, msgs, tools, messages, weights, off, full) or _by_sentinels(
-            tokenizer, msgs, tools, messages, weights, off
-        )
+        full = chat.render(msgs, tools, generation_prompt)
+        if generation_prompt or not any(m.role in TRAINED for m in messages):
+            return [Rendered(full, (), len(full))]
+        if _GENERATION.search(chat.text):
+            return [_by_generation(chat, msgs, tools, messages, weights, full)]
+        return _by_turns(chat, msgs, tools, messages, weights, 1 if system else 0, full, history)
     except DataError as e:
         raise e.at(**loc) from None
     except Exception as e:  # template errors (raise_exception, bad roles) are about this record
         raise DataError(f"chat template failed: {e}", reason="template error", **loc) from None
 
 
-def _by_prefixes(tokenizer, msgs, tools, messages, weights, off, full) -> Rendered | None:
-    spans, response_start = [], len(full)
-    for i, (m, w) in enumerate(zip(messages, weights)):
-        if m.role not in ("assistant", "function_call"):
-            continue
-        j = i + off
-        pre = _render(tokenizer, msgs[:j], tools, True) if j else ""
-        upto = _render(tokenizer, msgs[: j + 1], tools, False)
-        if not (upto.startswith(pre) and full.startswith(upto)):
-            return None
-        end = len(upto.rstrip())
-        response_start = len(pre)
-        if w > 0 and end > len(pre):
-            spans.append((len(pre), end, w))
-    return Rendered(full, tuple(spans), response_start)
+def _by_turns(chat, msgs, tools, messages, weights, off, full, history) -> list[Rendered]:
+    sh = shape(chat)
+    turns = [_turn(chat, msgs, tools, i, i + off, sh) for i, m in enumerate(messages) if m.role in TRAINED]
+    found = {t.i: _find(chat, msgs, tools, t, full, None, sh) for t in turns}
+    missing = [t for t in turns if found[t.i] is None]
+    cores = _cores(chat, msgs, tools, {t.i: t.j for t in missing}, full) if missing else {}
+    for t in missing:
+        found[t.i] = _find(chat, msgs, tools, t, full, cores.get(t.i), sh)
+    rewritten = [t for t in turns if found[t.i] is None]
+    spans, extra, untrained = {}, [], 0
+    for t in turns:
+        w, kind = weights[t.i], messages[t.i].role
+        if found[t.i] is not None:
+            spans[t.i] = (*found[t.i], w, kind)
+        elif history == "as_rendered" and (span := _as_rendered(full, cores.get(t.i), sh)) is not None:
+            spans[t.i] = (*span, w, kind)
+        elif history == "split" and w > 0:
+            span = _find(chat, msgs, tools, t, t.upto, None, sh)
+            if span is None:
+                own = _cores(chat, msgs[: t.j + 1], tools, {t.i: t.j}, t.upto).get(t.i)
+                span = _find(chat, msgs, tools, t, t.upto, own, sh)
+            if span is None:
+                raise DataError(
+                    "the chat template does not write this assistant turn in a form that can be located",
+                    field=f"messages[{t.i}]",
+                    reason="template error",
+                )
+            extra.append(Rendered(t.upto, ((*span, w, kind),), span[0]))
+        elif w > 0:
+            untrained += 1
+    trained = tuple(s for s in sorted(spans.values()) if s[2] > 0)
+    response_start = max((s[0] for s in spans.values()), default=len(full))
+    texts = [full] + [r.text for r in extra]
+    dropped = sum(
+        1 for m in messages if m.reasoning and not any(m.reasoning.strip() in text for text in texts)
+    )
+    main = Rendered(full, trained, response_start, len(rewritten), untrained, dropped)
+    return ([main] if trained or not extra else []) + extra
 
 
-def _by_sentinels(tokenizer, msgs, tools, messages, weights, off) -> Rendered:
-    marked = [dict(m) for m in msgs]
-    for i, m in enumerate(messages):
-        if m.role == "assistant":
-            marked[i + off]["content"] = f"{_START}{i}{_START}{m.content}{_END}"
-        elif m.role == "function_call":
-            raise DataError(
-                "this chat template rewrites history; tool calls cannot be located in it",
-                reason="template error",
-            )
-    text = _render(tokenizer, marked, tools, False)
-    turn_end = _turn_end(tokenizer)
-    out, spans, response_start, open_ = [], [], None, None
-    pos = 0
-    for match in _SENTINELS.finditer(text):
-        out.append(text[pos : match.start()])
-        here = sum(map(len, out))
-        if match.group(1) is not None:
-            open_ = (int(match.group(1)), here)
-        elif open_ is not None:
-            i, start = open_
-            end = here + (len(turn_end) if text.startswith(turn_end, match.end()) and turn_end else 0)
-            response_start = start
-            if weights[i] > 0:
-                spans.append((start, end, weights[i]))
-            open_ = None
-        pos = match.end()
-    out.append(text[pos:])
-    clean = "".join(out)
-    return Rendered(clean, tuple(spans), len(clean) if response_start is None else response_start)
+def _by_generation(chat, msgs, tools, messages, weights, full) -> Rendered:
+    """The template's own `{% generation %}` blocks are the assistant mask."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    special = dict(getattr(chat.tokenizer, "special_tokens_map", {}) or {})
+    texts, blocks = render_jinja_template(
+        conversations=[msgs], tools=tools, chat_template=chat.text, return_assistant_tokens_mask=True,
+        **{**special, **chat.kwargs},
+    )  # fmt: skip
+    if texts[0] != full:
+        raise DataError("the {% generation %} render differs from the chat template's", reason="template error")
+    turns = [i for i, m in enumerate(messages) if m.role in TRAINED]
+    blocks = [tuple(b) for b in blocks[0]]
+    if len(blocks) == len(turns):
+        spans = [(a, b, weights[i], messages[i].role) for (a, b), i in zip(blocks, turns)]
+    elif len({weights[i] for i in turns}) <= 1:
+        w = weights[turns[0]] if turns else 1.0
+        spans = [(a, b, w, "assistant") for a, b in blocks]
+    else:
+        raise DataError(
+            f"per-turn loss weights need one {{% generation %}} block per assistant turn "
+            f"({len(turns)} turns, {len(blocks)} blocks)",
+            field="messages",
+            reason="template error",
+        )
+    start = spans[-1][0] if spans else len(full)
+    return Rendered(full, tuple(s for s in spans if s[2] > 0), start)

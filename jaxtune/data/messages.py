@@ -2,8 +2,10 @@
 
 Tag names are remappable exactly as LLaMA-Factory's `dataset_info.json` `tags` does (role_tag, content_tag,
 user_tag, assistant_tag, observation_tag, function_tag, system_tag). The OpenAI convention adds `tool` (and the
-older `function`, Llama's `ipython`) for tool results, `developer` for system, and assistant `tool_calls`, which
-become a `function_call` message whose content is the JSON LLaMA-Factory stores ({"name", "arguments"}).
+older `function`, Llama's `ipython`) for tool results (with their `tool_call_id`), `developer` for system, and
+assistant `tool_calls` (ids kept), which make a `function_call` message whose `content` is any text said beside
+the calls; a ShareGPT `function_call` turn holds the JSON LLaMA-Factory stores ({"name", "arguments"}, or a
+list). Assistant `reasoning_content` / `reasoning` / `thinking` become the message's `reasoning`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 
 from jaxtune.data.errors import DataError
-from jaxtune.data.records import Message
+from jaxtune.data.records import Message, ToolCall
 
 SHAREGPT_TAGS = {
     "role_tag": "from",
@@ -95,22 +97,65 @@ def text_content(value, field: str, loc: dict) -> str:
     raise DataError(f"expected a string, got {type(value).__name__}", field=field, reason="wrong type", **loc)
 
 
-def _tool_calls_content(calls, field: str, loc: dict) -> str:
+def tool_calls(calls, field: str, loc: dict) -> tuple[ToolCall, ...]:
+    """OpenAI `tool_calls` ([{id, type, function: {name, arguments}}]) or LLaMA-Factory's {name, arguments}."""
     out = []
     for i, call in enumerate(calls if isinstance(calls, list) else [calls]):
         fn = call.get("function", call) if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or "name" not in fn:
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise DataError(
                 "tool call needs a function name", field=f"{field}[{i}]", reason="bad tool call", **loc
             )
-        args = fn.get("arguments", {})
+        args = fn.get("arguments", fn.get("parameters", {}))
         if isinstance(args, str):
             try:
-                args = json.loads(args)
+                args = json.dumps(json.loads(args), ensure_ascii=False)
             except json.JSONDecodeError:
                 pass  # keep the model's raw argument text
-        out.append({"name": fn["name"], "arguments": args})
-    return json.dumps(out[0] if len(out) == 1 else out, ensure_ascii=False)
+        else:
+            args = json.dumps(args, ensure_ascii=False)
+        call_id = call.get("id") if isinstance(call, dict) else None
+        if call_id is not None and not isinstance(call_id, str | int):
+            raise DataError(
+                f"tool call id must be a string, got {type(call_id).__name__}",
+                field=f"{field}[{i}].id",
+                reason="bad tool call",
+                **loc,
+            )
+        out.append(ToolCall(fn["name"], args, None if call_id is None else str(call_id)))
+    return tuple(out)
+
+
+def _function_call(content: str, field: str, loc: dict) -> tuple[ToolCall, ...]:
+    """A ShareGPT `function_call` turn: its value is the JSON of one call or a list of calls."""
+    try:
+        calls = json.loads(content)
+    except json.JSONDecodeError:
+        raise DataError(
+            "function_call content must be JSON {'name', 'arguments'} (or a list of them)",
+            field=field,
+            reason="bad tool call",
+            **loc,
+        ) from None
+    return tool_calls(calls, field, loc)
+
+
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+def _reasoning(msg: dict, field: str, loc: dict) -> str | None:
+    for key in _REASONING_KEYS:
+        value = msg.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise DataError(
+                    f"reasoning must be a string, got {type(value).__name__}",
+                    field=f"{field}.{key}",
+                    reason="wrong type",
+                    **loc,
+                )
+            return value or None
+    return None
 
 
 def _loss_weight(msg: dict, field: str, loc: dict) -> float | None:
@@ -157,9 +202,12 @@ def parse_messages(value, tags: dict, field: str, loc: dict) -> list[Message]:
                 reason="unknown role",
                 **loc,
             )
+        weight = _loss_weight(msg, here, loc)
         if role == "assistant" and msg.get("tool_calls"):
-            content = _tool_calls_content(msg["tool_calls"], f"{here}.tool_calls", loc)
-            out.append(Message("function_call", content, _loss_weight(msg, here, loc)))
+            calls = tool_calls(msg["tool_calls"], f"{here}.tool_calls", loc)
+            text = msg.get(content_tag)
+            text = "" if text is None else text_content(text, f"{here}.{content_tag}", loc)
+            out.append(Message("function_call", text, weight, calls, _reasoning(msg, here, loc)))
             continue
         if content_tag not in msg:
             raise DataError(
@@ -169,7 +217,16 @@ def parse_messages(value, tags: dict, field: str, loc: dict) -> list[Message]:
                 **loc,
             )
         content = text_content(msg[content_tag], f"{here}.{content_tag}", loc)
-        out.append(Message(role, content, _loss_weight(msg, here, loc)))
+        if role == "function_call":
+            calls = _function_call(content, f"{here}.{content_tag}", loc)
+            out.append(Message(role, "", weight, calls, _reasoning(msg, here, loc)))
+        elif role == "assistant":
+            out.append(Message(role, content, weight, reasoning=_reasoning(msg, here, loc)))
+        elif role == "observation":
+            call_id = msg.get("tool_call_id")
+            out.append(Message(role, content, weight, tool_call_id=None if call_id is None else str(call_id)))
+        else:
+            out.append(Message(role, content, weight))
     return out
 
 

@@ -107,7 +107,8 @@ def iterators(
 
     def encoder(report):
         return Encoder(
-            tokenizer, kind, template=d.template, cutoff_len=cutoff_len, train_on_prompt=d.train_on_prompt,
+            tokenizer, kind, template=d.template, template_kwargs=d.template_kwargs,
+            rewritten_history=d.rewritten_history, cutoff_len=cutoff_len, train_on_prompt=d.train_on_prompt,
             mask_history=d.mask_history, min_length=d.min_length, overlength=d.overlength, policy=policy,
             report=report,
         )  # fmt: skip

@@ -31,6 +31,8 @@ class Report:
     truncated: int = 0
     chunked: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # bad records
+    # Tokens trained by turn kind and untrained, and the turns a chat template rewrites (see data/jinja.py).
+    tokens: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def merge(self, other: Report) -> Report:
         return Report(
@@ -40,6 +42,7 @@ class Report:
             self.truncated + other.truncated,
             self.chunked + other.chunked,
             self.skipped + other.skipped,
+            self.tokens + other.tokens,
         )
 
     def lines(self) -> list[str]:
@@ -50,6 +53,12 @@ class Report:
             out.append(f"  truncated to cutoff_len (prompt cut first): {self.truncated}")
         if self.chunked:
             out.append(f"  long documents split into several rows: {self.chunked}")
+        tokens = {k: n for k, n in self.tokens.items() if k.startswith(("trained", "not trained"))}
+        if tokens:
+            trained = sum(n for k, n in tokens.items() if k.startswith("trained"))
+            parts = ", ".join(f"{k}: {n}" for k, n in sorted(tokens.items()))
+            out.append(f"tokens trained: {trained} of {sum(tokens.values())} ({parts})")
+        out += [f"  {k}: {n}" for k, n in sorted(self.tokens.items()) if k.startswith("turns") and n]
         return out
 
 
@@ -59,7 +68,16 @@ def clean_text(text: str) -> str:
 
 
 def _clean_msgs(msgs) -> tuple[Message, ...]:
-    return tuple(dataclasses.replace(m, content=clean_text(m.content)) for m in msgs)
+    return tuple(
+        dataclasses.replace(
+            m, content=clean_text(m.content), reasoning=clean_text(m.reasoning) if m.reasoning else m.reasoning
+        )
+        for m in msgs
+    )
+
+
+def _said(m: Message) -> bool:
+    return bool(m.content.strip() or m.tool_calls)
 
 
 def normalize(record: Record) -> Record:
@@ -82,13 +100,11 @@ def is_empty(record: Record) -> bool:
     if isinstance(record, Text):
         return not record.text.strip()
     if isinstance(record, Preference):
-        return not any(m.content.strip() for m in record.chosen) or not any(
-            m.content.strip() for m in record.rejected
-        )
+        return not any(map(_said, record.chosen)) or not any(map(_said, record.rejected))
     responses = [m for m in record.messages if m.role in TRAINED_ROLES]
     if not responses:  # prompt-only records (PPO/GRPO) are judged by their prompt
         return not any(m.content.strip() for m in record.messages)
-    return not any(m.content.strip() for m in responses)
+    return not any(map(_said, responses))
 
 
 def clean(records: list[Record], dedup: str = "none", normalise: bool = True, report: Report | None = None):

@@ -150,8 +150,27 @@ def get_template(name: str) -> Template:
 @dataclasses.dataclass(frozen=True)
 class Rendered:
     text: str
-    spans: tuple[tuple[int, int, float], ...]  # trained character spans (start, end, weight)
+    # Trained character spans (start, end, weight, kind); kind is the role of the turn: assistant or
+    # function_call (a turn that calls tools), for the token counts the pipeline logs.
+    spans: tuple[tuple[int, int, float, str], ...]
     response_start: int  # character where the final trained turn starts: the prompt/response boundary
+    rewritten: int = 0  # assistant turns the template writes differently in history than as the last turn
+    untrained: int = 0  # of those, turns left untrained by data.rewritten_history=final
+    reasoning_dropped: int = 0  # assistant turns whose reasoning the template does not write at all
+
+
+THINK = "<think>\n{reasoning}\n</think>\n\n"  # reasoning before the answer, as DeepSeek-R1 and Qwen3 write it
+
+
+def _assistant_body(t: Template, m, bos: str, eos: str) -> str:
+    """A named template's assistant turn: reasoning, then the answer, or any text and then the tool calls."""
+    think = THINK.replace("{reasoning}", m.reasoning) if m.reasoning else ""
+    if m.role != "function_call":
+        return t.fill(t.assistant, think + m.content, bos, eos)
+    text = think + (m.content + "\n" if m.content else "")
+    if t.function_call:
+        return text + t.fill(t.function_call, m.calls_json(), bos, eos)
+    return t.fill(t.assistant, text + m.calls_json(), bos, eos)
 
 
 def tool_lines(tools: str | None) -> str:
@@ -181,12 +200,11 @@ def render(
     spans, response_start, folded = [], None, False
     for m, w in zip(messages, weights):
         if m.role in ("assistant", "function_call"):
-            slot = t.function_call if m.role == "function_call" and t.function_call else t.assistant
             head = t.fill(t.assistant_prompt, "", bos, eos)
-            body = t.fill(slot, m.content, bos, eos)
+            body = _assistant_body(t, m, bos, eos)
             start = pos + len(head)
             if w > 0:
-                spans.append((start, start + len(body), w))
+                spans.append((start, start + len(body), w, m.role))
             response_start = start
             piece = head + body + t.separator
         else:

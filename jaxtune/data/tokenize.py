@@ -72,47 +72,68 @@ def message_weights(messages, mask_history: bool) -> list[float]:
 
 
 def render_record(
-    record, tokenizer, template, messages, mask_history=False, generation_prompt=False
-) -> Rendered:
+    record,
+    tokenizer,
+    template,
+    messages,
+    mask_history=False,
+    generation_prompt=False,
+    template_kwargs=None,
+    rewritten_history="split",
+) -> list[Rendered]:
+    """The record's renders: the whole conversation, then any turns a Jinja template rewrites in history
+    (`rewritten_history="split"`, see `jinja.py`)."""
     tmpl = resolve_template(tokenizer, template)
     weights = message_weights(messages, mask_history)
     if isinstance(tmpl, Jinja):
         loc = where(record)
         return render_jinja(
-            tokenizer, tmpl.source, record.system, record.tools, messages, weights, loc, generation_prompt
-        )
+            tokenizer, tmpl.source, record.system, record.tools, messages, weights, loc, generation_prompt,
+            template_kwargs, rewritten_history,
+        )  # fmt: skip
     bos, eos = _special(tokenizer, "bos_token"), _special(tokenizer, "eos_token")
-    return render(tmpl, record.system, record.tools, messages, weights, bos, eos, generation_prompt)
+    return [render(tmpl, record.system, record.tools, messages, weights, bos, eos, generation_prompt)]
 
 
-def _token_starts(rendered: Rendered, tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids of the whole text and the character where each token starts."""
+def _token_spans(rendered: Rendered, tokenizer) -> tuple[list[int], np.ndarray]:
+    """Token ids of the whole text and each token's character range [start, end)."""
     try:
         enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-        return enc["input_ids"], [s for s, _ in enc["offset_mapping"]]
+        return enc["input_ids"], np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
     except (NotImplementedError, ValueError, TypeError, KeyError):
         pass
     # Tokenizers without offsets (slow, sentencepiece-only): tokenise the pieces between span boundaries
-    # separately, as LLaMA-Factory does; each token then "starts" where its piece starts.
+    # separately, as LLaMA-Factory does; each token then covers its whole piece.
     cuts = sorted(
-        {0, len(rendered.text), rendered.response_start} | {c for s, e, _ in rendered.spans for c in (s, e)}
+        {0, len(rendered.text), rendered.response_start} | {c for s in rendered.spans for c in s[:2]}
     )
-    ids, starts = [], []
+    ids, ranges = [], []
     for a, b in zip(cuts[:-1], cuts[1:]):
         piece = tokenizer(rendered.text[a:b], add_special_tokens=False)["input_ids"]
         ids += piece
-        starts += [a] * len(piece)
-    return ids, starts
+        ranges += [(a, b)] * len(piece)
+    return ids, np.asarray(ranges, np.int64).reshape(-1, 2)
 
 
-def tokens_of(rendered: Rendered, tokenizer, train_on_prompt: bool = False) -> Example:
-    ids, starts = _token_starts(rendered, tokenizer)
+def tokens_of(rendered: Rendered, tokenizer, train_on_prompt: bool = False, counts=None) -> Example:
+    """Tokenise the whole text once; a token is trained when it overlaps a trained span (the rule of
+    transformers' `return_assistant_tokens_mask`). `counts` (a Counter), if given, gets trained tokens by
+    turn kind and the untrained ones."""
+    ids, ranges = _token_spans(rendered, tokenizer)
     ids = np.asarray(ids, np.int32)
-    starts = np.asarray(starts, np.int64).reshape(-1)
+    starts, ends = ranges[:, 0], ranges[:, 1]
     weights = np.full(len(ids), 1.0 if train_on_prompt else 0.0, np.float32)
-    for start, end, w in rendered.spans:
-        weights[(starts >= start) & (starts < end)] = w
-    prompt_len = int(np.searchsorted(starts, rendered.response_start, side="left"))
+    kinds = np.full(len(ids), "", object) if counts is not None else None
+    for start, end, w, kind in rendered.spans:
+        hit = (ends > start) & (starts < end)
+        weights[hit] = w
+        if kinds is not None:
+            kinds[hit] = kind
+    if counts is not None:
+        for kind in ("assistant", "function_call"):
+            counts[f"trained ({kind})"] += int(((kinds == kind) & (weights > 0)).sum())
+        counts["not trained"] += int((weights == 0).sum())
+    prompt_len = int((ends <= rendered.response_start).sum())
     return Example(ids, weights, prompt_len)
 
 
@@ -126,7 +147,7 @@ def encode_text(record: Text, tokenizer) -> Example:
     return Example(ids, np.ones(len(ids), np.float32), 0)
 
 
-def encode_example(
+def encode_examples(
     record,
     tokenizer,
     template=None,
@@ -134,10 +155,15 @@ def encode_example(
     train_on_prompt: bool = False,
     mask_history: bool = False,
     require_response: bool = True,
-) -> Example:
-    """One Conversation (or Text) -> `Example`."""
+    template_kwargs: dict | None = None,
+    rewritten_history: str = "split",
+    counts=None,
+) -> list[Example]:
+    """One Conversation (or Text) -> its `Example`s: the whole conversation, then (for chat templates that
+    rewrite history, with rewritten_history="split") one per rewritten turn. `counts`: see `tokens_of`; it
+    also gets the turns the template rewrites, leaves untrained or drops the reasoning of."""
     if isinstance(record, Text):
-        return encode_text(record, tokenizer)
+        return [encode_text(record, tokenizer)]
     if not isinstance(record, Conversation):
         raise TypeError(f"encode_example takes a Conversation or Text, got {type(record).__name__}")
     if not record.messages:
@@ -146,8 +172,36 @@ def encode_example(
         raise DataError(
             "no assistant turn to train on", field="messages", reason="no response", **where(record)
         )
-    rendered = render_record(record, tokenizer, template, record.messages, mask_history)
-    return tokens_of(rendered, tokenizer, train_on_prompt)
+    renders = render_record(
+        record, tokenizer, template, record.messages, mask_history,
+        template_kwargs=template_kwargs, rewritten_history=rewritten_history,
+    )  # fmt: skip
+    examples = [tokens_of(r, tokenizer, train_on_prompt, counts) for r in renders]
+    if require_response and not any((ex.weights > 0).any() for ex in examples):
+        raise DataError(
+            "no token of this row is trained (its assistant turns are masked, weighted 0 or not written by "
+            "the chat template)",
+            field="messages",
+            reason="nothing trained",
+            **where(record),
+        )
+    if counts is not None:
+        head = renders[0]
+        counts["turns rewritten by the template"] += head.rewritten
+        counts["turns left untrained (rewritten_history=final)"] += head.untrained
+        counts["turns whose reasoning the template drops"] += head.reasoning_dropped
+    return examples
+
+
+def encode_example(record, tokenizer, template=None, **kw) -> Example:
+    """One Conversation (or Text) -> the `Example` of the whole conversation (keywords: `encode_examples`'s).
+
+    Turns a template rewrites in history are then trained as `rewritten_history` says, except that "split"
+    examples are not made: this is one example.
+    """
+    if kw.get("rewritten_history", "split") == "split":
+        kw = {**kw, "rewritten_history": "final"}
+    return encode_examples(record, tokenizer, template, **kw)[0]
 
 
 def encode_pair(record: Preference, tokenizer, template=None, **kw) -> tuple[Example, Example]:
@@ -168,14 +222,16 @@ def encode_pair(record: Preference, tokenizer, template=None, **kw) -> tuple[Exa
     return out[0], out[1]
 
 
-def encode_prompt(record: Conversation, tokenizer, template=None) -> np.ndarray:
+def encode_prompt(record: Conversation, tokenizer, template=None, template_kwargs=None) -> np.ndarray:
     """PPO/GRPO prompt: the conversation up to its last user turn, with the generation prompt appended."""
     messages = record.messages
     while messages and messages[-1].role in TRAINED_ROLES:
         messages = messages[:-1]
     if not messages:
         raise DataError("no prompt turn", field="messages", reason="empty conversation", **where(record))
-    rendered = render_record(record, tokenizer, template, messages, generation_prompt=True)
+    (rendered,) = render_record(
+        record, tokenizer, template, messages, generation_prompt=True, template_kwargs=template_kwargs
+    )
     return np.asarray(tokenizer(rendered.text, add_special_tokens=False)["input_ids"], np.int32)
 
 

@@ -291,35 +291,98 @@ def _after(text: str, b: int, marker: str) -> int | None:
 class _Turn:
     i: int  # message index (without the system message)
     j: int  # index in the rendered message list
-    pre: str  # render of the messages before it, with the generation prompt
-    upto: str  # render of the conversation ending with it
-    text: str | None  # the turn as the model produces it last; None when `pre` is not a prefix of `upto`
+    upto: str  # render of the conversation ending with this turn
+    start: int | None  # where the turn's own text starts in `upto` (None: not known there)
+    text: str | None  # the turn as the model produces it last, up to its end marker; None: not known
 
 
 def _turn(chat: Chat, msgs, tools, i: int, j: int, sh: Shape) -> _Turn:
-    pre = chat.render(msgs[:j], tools, True)
     upto = chat.render(msgs[: j + 1], tools)
-    text = _cut(upto[len(pre) :], sh.marker) if upto.startswith(pre) else None
-    return _Turn(i, j, pre, upto, text)
+    start, text = _own_text(chat, msgs, tools, j, upto, sh)
+    if text is None and msgs and msgs[0].get("role") == "system" and j > 0:
+        # Templates that move the system prompt into the last user turn (Mistral v0.3) render no prompt
+        # consistent with the conversation: the turn's own text is then read from the system-free one.
+        rest = msgs[1:]
+        _, text = _own_text(chat, rest, tools, j - 1, chat.render(rest[:j], tools), sh)
+    return _Turn(i, j, upto, start, text)
+
+
+def _own_text(chat: Chat, msgs, tools, j: int, upto: str, sh: Shape) -> tuple[int | None, str | None]:
+    """(start in `upto`, text) of turn `j` when it ends the conversation `msgs[:j+1]` rendered as `upto`."""
+    pre = chat.render(msgs[:j], tools, True)
+    if upto.startswith(pre):
+        return len(pre), _cut(upto[len(pre) :], sh.marker)
+    # A generation prompt that opens more than the turn writes (QwQ's and DeepSeek-R1's `<think>\n`, which
+    # their tool-call and history turns lack): the turn starts after the part of the header both share.
+    base = chat.render(msgs[:j], tools)
+    if upto.startswith(base) and pre.startswith(base):
+        tail = upto[len(base) :]
+        head = _common_tokens(chat.tokenizer, tail, pre[len(base) :])
+        return len(base) + len(head), _cut(tail[len(head) :], sh.marker)
+    return None, None
+
+
+def _fast(t: _Turn, text: str) -> tuple[int, int] | None:
+    """The turn at the same place in `text` as in its own render."""
+    if t.start is not None and t.text is not None and text.startswith(t.upto[: t.start]):
+        if text.startswith(t.text, t.start):
+            return t.start, t.start + len(t.text)
+    return None
 
 
 def _find(chat: Chat, msgs, tools, t: _Turn, text: str, core, sh: Shape) -> tuple[int, int] | None:
-    """Where turn `t` is written in `text` exactly as the model produces it last, or None."""
-    if t.text is not None and text.startswith(t.pre) and text.startswith(t.text, len(t.pre)):
-        return len(t.pre), len(t.pre) + len(t.text)
+    """Where turn `t` is written in `text` exactly as the model produces it last, located by its answer."""
     if core is None:
         return None
     a, b = core
-    if t.text is not None:  # the answer's place inside the turn's own text, from its render as the last turn
+    if t.text is not None and t.start is not None:  # the answer's place inside the turn's own text
         own = _cores(chat, msgs[: t.j + 1], tools, {t.i: t.j}, t.upto).get(t.i)
         if own is None:
             return None
-        start = a - (own[0] - len(t.pre))
+        start = a - (own[0] - t.start)
         return (start, start + len(t.text)) if start >= 0 and text.startswith(t.text, start) else None
-    # The prompt renders differently when it ends the conversation (e.g. Mistral v0.3 writes the system
+    # No render of the turn as the last one agrees with its prompt (e.g. Mistral v0.3 writes the system
     # prompt into the last user turn only): take the template's plain turn shape from the probe.
     start, end = a - len(sh.lead), _after(text, b, sh.marker)
     return (start, end) if start >= 0 and end is not None and text[start:a] == sh.lead else None
+
+
+def _search(t: _Turn, text: str, lo: int, hi: int) -> tuple[int, int] | None:
+    """The turn's own text between its located neighbours (tool-call turns have no answer to mark)."""
+    if t.text is None or not t.text.strip():
+        return None
+    k = text.find(t.text, lo, hi)
+    return (k, k + len(t.text)) if k >= 0 else None
+
+
+def _locate(chat, msgs, tools, turns: list[_Turn], text: str, sh: Shape) -> dict[int, tuple[int, int] | None]:
+    """Each turn's span in `text` (a render of `msgs`), or None where the template writes it differently."""
+    found = {t.i: _fast(t, text) for t in turns}
+    missing = [t for t in turns if found[t.i] is None]
+    cores = _cores(chat, msgs, tools, {t.i: t.j for t in missing}, text) if missing else {}
+    for t in missing:
+        found[t.i] = _find(chat, msgs, tools, t, text, cores.get(t.i), sh)
+    for t in missing:
+        if found[t.i] is None:
+            lo = max((s[1] for i, s in found.items() if s is not None and i < t.i), default=0)
+            hi = min((s[0] for i, s in found.items() if s is not None and i > t.i), default=len(text))
+            found[t.i] = _search(t, text, lo, hi)
+    return found, cores
+
+
+def _check_calls(m, t: _Turn, full: str, span) -> None:
+    """A template without tool support writes a tool-calling turn as an empty answer: refuse to train that."""
+    if not m.tool_calls:
+        return
+    text = full[span[0] : span[1]] if span is not None else (t.text if t.text is not None else t.upto)
+    missing = sorted({c.name for c in m.tool_calls if c.name not in text})
+    if missing:
+        raise DataError(
+            f"the chat template does not write this turn's tool calls ({', '.join(missing)}): use a "
+            "template with tool support (data.template), or drop the tool turns",
+            field=f"messages[{t.i}]",
+            reason="template drops tool calls",
+        )
 
 
 def _as_rendered(text: str, core, sh: Shape) -> tuple[int, int] | None:
@@ -376,24 +439,20 @@ def render_jinja(
 def _by_turns(chat, msgs, tools, messages, weights, off, full, history) -> list[Rendered]:
     sh = shape(chat)
     turns = [_turn(chat, msgs, tools, i, i + off, sh) for i, m in enumerate(messages) if m.role in TRAINED]
-    found = {t.i: _find(chat, msgs, tools, t, full, None, sh) for t in turns}
-    missing = [t for t in turns if found[t.i] is None]
-    cores = _cores(chat, msgs, tools, {t.i: t.j for t in missing}, full) if missing else {}
-    for t in missing:
-        found[t.i] = _find(chat, msgs, tools, t, full, cores.get(t.i), sh)
-    rewritten = [t for t in turns if found[t.i] is None]
-    spans, extra, untrained = {}, [], 0
+    found, cores = _locate(chat, msgs, tools, turns, full, sh)
+    for t in turns:
+        _check_calls(messages[t.i], t, full, found[t.i])
+    spans, extra, rewritten, untrained = {}, [], 0, 0
     for t in turns:
         w, kind = weights[t.i], messages[t.i].role
         if found[t.i] is not None:
             spans[t.i] = (*found[t.i], w, kind)
-        elif history == "as_rendered" and (span := _as_rendered(full, cores.get(t.i), sh)) is not None:
+            continue
+        rewritten += 1
+        if history == "as_rendered" and (span := _as_rendered(full, cores.get(t.i), sh)) is not None:
             spans[t.i] = (*span, w, kind)
         elif history == "split" and w > 0:
-            span = _find(chat, msgs, tools, t, t.upto, None, sh)
-            if span is None:
-                own = _cores(chat, msgs[: t.j + 1], tools, {t.i: t.j}, t.upto).get(t.i)
-                span = _find(chat, msgs, tools, t, t.upto, own, sh)
+            span = _locate(chat, msgs[: t.j + 1], tools, [t], t.upto, sh)[0][t.i]
             if span is None:
                 raise DataError(
                     "the chat template does not write this assistant turn in a form that can be located",
@@ -406,10 +465,10 @@ def _by_turns(chat, msgs, tools, messages, weights, off, full, history) -> list[
     trained = tuple(s for s in sorted(spans.values()) if s[2] > 0)
     response_start = max((s[0] for s in spans.values()), default=len(full))
     texts = [full] + [r.text for r in extra]
-    dropped = sum(
-        1 for m in messages if m.reasoning and not any(m.reasoning.strip() in text for text in texts)
-    )
-    main = Rendered(full, trained, response_start, len(rewritten), untrained, dropped)
+    unwritten = lambda part: part and not any(part.strip() in text for text in texts)  # noqa: E731
+    dropped = sum(1 for m in messages if m.role in TRAINED and unwritten(m.reasoning))
+    said = sum(1 for m in messages if m.role == "function_call" and unwritten(m.content))
+    main = Rendered(full, trained, response_start, rewritten, untrained, dropped, said)
     return ([main] if trained or not extra else []) + extra
 
 

@@ -160,6 +160,10 @@ def iterators(
         log.warning(
             "data: %d samples were longer than cutoff_len=%d and truncated", report.truncated, cutoff_len
         )
+    for what in ("reasoning", "text"):  # what the chat template cannot write is not trained: say so
+        n = sum(k for key, k in report.tokens.items() if f"whose {what}" in key)
+        if n:
+            log.warning("data: the chat template does not write the %s of %d assistant turns", what, n)
     policy.log_summary()
     return Iterators(train_it, eval_it)
 

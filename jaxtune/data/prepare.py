@@ -58,7 +58,7 @@ class Report:
             trained = sum(n for k, n in tokens.items() if k.startswith("trained"))
             parts = ", ".join(f"{k}: {n}" for k, n in sorted(tokens.items()))
             out.append(f"tokens trained: {trained} of {sum(tokens.values())} ({parts})")
-        out += [f"  {k}: {n}" for k, n in sorted(self.tokens.items()) if k.startswith("turns") and n]
+        out += [f"  {k}: {n}" for k, n in sorted(self.tokens.items()) if "turns" in k and n]
         return out
 
 

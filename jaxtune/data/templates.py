@@ -157,6 +157,7 @@ class Rendered:
     rewritten: int = 0  # assistant turns the template writes differently in history than as the last turn
     untrained: int = 0  # of those, turns left untrained by data.rewritten_history=final
     reasoning_dropped: int = 0  # assistant turns whose reasoning the template does not write at all
+    text_dropped: int = 0  # tool-calling turns whose text beside the calls the template does not write
 
 
 THINK = "<think>\n{reasoning}\n</think>\n\n"  # reasoning before the answer, as DeepSeek-R1 and Qwen3 write it

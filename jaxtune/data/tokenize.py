@@ -190,6 +190,7 @@ def encode_examples(
         counts["turns rewritten by the template"] += head.rewritten
         counts["turns left untrained (rewritten_history=final)"] += head.untrained
         counts["turns whose reasoning the template drops"] += head.reasoning_dropped
+        counts["tool-calling turns whose text the template drops"] += head.text_dropped
     return examples
 
 

@@ -27,7 +27,9 @@ def eval_loss(eval_step, method, trainable, frozen, eval_it, max_batches: int | 
     return out
 
 
-def generation_eval(arch, variables, tokenizer, records, template=None, n: int = 64, max_new_tokens: int = 32):
+def generation_eval(
+    arch, variables, tokenizer, records, template=None, n: int = 64, max_new_tokens: int = 32, template_kwargs=None
+):
     """Greedy answers to the first `n` conversations' prompts, scored by exact match with the reference reply.
 
     Returns (accuracy, [(prompt text, reference, generated), ...]).
@@ -43,7 +45,7 @@ def generation_eval(arch, variables, tokenizer, records, template=None, n: int =
             break
     if not pairs:
         return None, []
-    prompts = [encode_prompt(r, tokenizer, template).tolist() for r, _ in pairs]
+    prompts = [encode_prompt(r, tokenizer, template, template_kwargs).tolist() for r, _ in pairs]
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     outputs = generate(arch, variables, prompts, max_new_tokens=max_new_tokens, stop_ids=stop)
     rows = []

@@ -51,7 +51,8 @@ def train(run: Run) -> dict:
     if t.eval_generate and run.resumed is None:
         variables = merge_variables(to_host(frozen), to_host(state.trainable))
         acc, _ = generation_eval(run.lm.arch, variables, tokenizer, eval_records, cfg.data.template,
-                                 n=t.eval_generate, max_new_tokens=cfg.generation.max_new_tokens)  # fmt: skip
+                                 n=t.eval_generate, max_new_tokens=cfg.generation.max_new_tokens,
+                                 template_kwargs=cfg.data.template_kwargs)  # fmt: skip
         summary["generate_accuracy_before"] = acc
         log.info("exact match before training: %.1f%%", 100 * (acc or 0.0))
 
@@ -137,7 +138,8 @@ def train(run: Run) -> dict:
     if t.eval_generate:
         variables = merge_variables(run.frozen, state.trainable)
         acc, rows = generation_eval(run.lm.arch, variables, tokenizer, eval_records, cfg.data.template,
-                                    n=t.eval_generate, max_new_tokens=cfg.generation.max_new_tokens)  # fmt: skip
+                                    n=t.eval_generate, max_new_tokens=cfg.generation.max_new_tokens,
+                                    template_kwargs=cfg.data.template_kwargs)  # fmt: skip
         summary["generate_accuracy_after"] = acc
         summary["samples"] = rows[:3]
     return finish(run, summary, _summary_lines(summary, meta))

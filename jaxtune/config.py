@@ -103,7 +103,12 @@ class DataConfig:
     eval: Sources = ()
     dataset_dir: str | None = None  # directory holding dataset_info.json and the files it names
     format: str | None = None  # default format for sources that give none; None: auto-detect
-    template: str | None = None  # chat template name; None: the tokenizer's own
+    template: str | None = None  # chat template name or Jinja text; None: the tokenizer's own
+    template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {enable_thinking: false}
+    # Turns a Jinja template writes differently in history than as the last turn (Qwen3/QwQ drop earlier
+    # reasoning): split = one example per such turn, trained as the template renders it last; final = not
+    # trained; as_rendered = trained as written in the whole conversation. See jaxtune/data/jinja.py.
+    rewritten_history: Literal["split", "final", "as_rendered"] = "split"
     cutoff_len: int = 1024  # tokens per sequence (longer examples are truncated)
     overlength: Literal["truncate", "drop"] = "truncate"  # longer than cutoff_len: cut (text: split), or drop
     packing: bool = False  # several documents per row, separated by segment ids
@@ -286,6 +291,13 @@ class DPOConfig:
     simpo_gamma: float = 0.5  # SimPO target reward margin
     orpo_alpha: float = 1.0  # ORPO: weight of the NLL term on chosen
     orpo_beta: float = 0.1  # ORPO: weight (lambda) of the odds-ratio term
+    # ORPO's NLL term. "sequence" (TRL's ORPOTrainer): the mean NLL over every predicted token, prompt included,
+    # of the micro-batch's chosen rows; "response" (Hong et al. 2024, Eq. 2): each chosen response's mean token
+    # NLL, averaged over pairs.
+    orpo_nll: Literal["sequence", "response"] = "sequence"
+    # IPO's logged rewards/*, margins, accuracy and logps/*. "sum" (TRL's DPOTrainer): β × the summed log-ratios
+    # and summed log-probs, as for every DPOTrainer loss; "mean": the per-token means the IPO loss itself uses.
+    ipo_rewards: Literal["sum", "mean"] = "sum"
     desirable_weight: float = 1.0  # KTO
     undesirable_weight: float = 1.0  # KTO
     precompute_ref_log_probs: bool = False  # one reference pass before training, then no reference model

@@ -10,6 +10,7 @@ Collections and where they live (paths mirror HF module names, so PEFT's `target
 per-layer ones carry the leading `layers` axis of `nn.scan`):
   lora    {<proj>: {lora_a [in, r], lora_b [r, out], magnitude [out] (DoRA)}}   in any `Proj`
           {embed_tokens: {lora_a [V, r], lora_b [r, D]}}                       at the decoder root
+          {lm_head: {lora_a [D, r], lora_b [r, V]}}          at the root too when the head is tied
   ia3     {<proj>: {scale_out [out]} | {scale_in [in]}}                          (IA)^3, in any `Proj`
   bitfit  {<proj>: {bias [out]}}                     BitFit biases added to projections that have none
   adapter {attn_adapter|mlp_adapter: {down: {kernel, bias}, up: {kernel, bias}}}  Houlsby / Pfeiffer
@@ -102,6 +103,22 @@ def embed(module, input_ids, x):
     scale = module.arch.peft.scale_for("embed_tokens")
     after_a = jnp.take(p["lora_a"], input_ids, axis=0).astype(x.dtype)  # [B, T, r]
     return x + jnp.dot(after_a, p["lora_b"].astype(x.dtype)) * scale  # [B, T, D]
+
+
+def tied_head(module, hidden, logits):
+    """LoRA on `lm_head` of a tied model (PEFT wraps the tied head in a `lora.Linear`, leaving the embedding
+    as it is): logits + s * dropout(h) A B, with A [D, r] and B [r, V]; the base head is embed_tokens' matrix."""
+    if not module.has_variable("lora", "lm_head"):
+        return logits
+    a = module.arch
+    p = module.variables["lora"]["lm_head"]
+    h = hidden.astype(logits.dtype)
+    if a.peft.lora_dropout > 0 and not module.deterministic:  # as `project`'s nn.Dropout (no submodule here)
+        keep = 1.0 - a.peft.lora_dropout
+        kept = jax.random.bernoulli(module.make_rng("dropout"), keep, h.shape)
+        h = jnp.where(kept, h / keep, 0).astype(h.dtype)
+    delta = jnp.dot(jnp.dot(h, p["lora_a"].astype(h.dtype)), p["lora_b"].astype(h.dtype))
+    return logits + delta * a.peft.scale_for("lm_head")  # [B, T, V]
 
 
 def virtual_tokens(module, x, segment_ids, positions):

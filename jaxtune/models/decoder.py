@@ -144,7 +144,7 @@ class Decoder(nn.Module):
 
     def logits(self, hidden):  # [B, T, D] -> [B, T, V]
         if self.arch.tie_word_embeddings:
-            return self.embed_tokens.attend(hidden)
+            return adapters_hook.tied_head(self, hidden, self.embed_tokens.attend(hidden))  # + LoRA on lm_head
         return self.lm_head(hidden)
 
     def forward_logits(self, input_ids, segment_ids, positions):

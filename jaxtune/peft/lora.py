@@ -8,7 +8,9 @@
 Initialisation follows PEFT's `LoraLayer.update_layer`: A ~ kaiming-uniform(a=√5) = U(±1/√in), B = 0 (so the
 model starts exactly at the base); embeddings the other way round (A = 0, B ~ N(0, 1)); `rank_pattern` /
 `alpha_pattern` per module with PEFT's key matching. Our A is PEFT's `lora_A.weight` transposed ([in, r] vs
-[r, in]) because our kernels are [in, out]; `interop.py` converts.
+[r, in]) because our kernels are [in, out]; `interop.py` converts. The head of a tied model (`lm_head`, whose
+weight is embed_tokens' matrix) takes a LoRA of its own at the decoder root, as PEFT wraps the tied head: the
+embedding stays as it is, so such a LoRA cannot be merged into the tied checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import jax.numpy as jnp
 from jaxtune.peft import names
 from jaxtune.peft.names import PeftConfigError
 from jaxtune.peft.parts import Context, Part
+
+_KIND = {"embedding": "an embedding", "tied_head": "the output head tied to embed_tokens"}
 
 
 def params_kernel(ctx: Context, params: dict, m: names.Module):
@@ -73,9 +77,11 @@ def build(ctx: Context) -> Part:
     for m, key in zip(chosen, keys):
         r, scale = rs[m.name]
         lead = (arch.num_layers,) if m.per_layer else ()
+        if m.kind != "linear" and (dora or cfg.pissa):
+            raise PeftConfigError(
+                f"DoRA / PiSSA on {m.ours} is not supported ({_KIND[m.kind]}); target linear layers"
+            )
         if m.kind == "embedding":
-            if dora or cfg.pissa:
-                raise PeftConfigError("DoRA / PiSSA on embed_tokens is not supported; target linear layers")
             # PEFT lora.Embedding: A = 0, B ~ N(0, 1)
             leaf = {
                 "lora_a": jnp.zeros((*lead, m.in_features, r), dtype),
@@ -145,12 +151,20 @@ def column_norm(kernel, leaf: dict, scale: float):
 
 
 def _adapted(lora: dict, spec, arch):
-    """(module, its LoRA leaf, its scale) for every module of `arch` that `lora` adapts."""
+    """(module, its LoRA leaf, its scale) for every module of `arch` that `lora` adapts; an error for a module
+    whose delta no weight of the checkpoint can hold alone (merging into the tied matrix would change both the
+    embedding and the head, where the adapter changed one)."""
     for m in names.modules(arch):
         try:
             leaf = names.get_path(lora, m.path)
         except KeyError:
             continue
+        if arch.tie_word_embeddings and m.kind != "linear":
+            raise PeftConfigError(
+                f"cannot merge LoRA on {m.ours} into a model with tied embeddings: the merged matrix would also "
+                f"change {'the lm_head' if m.kind == 'embedding' else 'embed_tokens'}, which the adapter never "
+                "did. Export the adapter instead (save_adapter)"
+            )
         yield m, leaf, spec.scale_for(m.name)
 
 
@@ -163,11 +177,6 @@ def merge(params: dict, lora: dict, spec, arch, return_norms: bool = False):
     norms = {}
     for m, leaf, scale in _adapted(lora, spec, arch):
         if m.kind == "embedding":
-            if arch.tie_word_embeddings:
-                raise PeftConfigError(
-                    "cannot merge LoRA on embed_tokens into a model with a tied lm_head: the merged matrix "
-                    "would also change the head, which the adapter never did. Export the adapter instead"
-                )
             path = (*m.path, "embedding")
             base = names.get_path(params, path)
             params = names.set_path(

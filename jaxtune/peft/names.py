@@ -9,7 +9,8 @@ spelling (`model.layers.3.self_attn.q_proj`), which differs only for GPT-2, whos
 `mlp.c_proj` = down_proj); there `c_attn` selects all three of q/k/v.
 
 Layers are stacked (`nn.scan`), so a selection must be the same in every layer: a per-layer choice is an error
-that says so, never a silent approximation.
+that says so, never a silent approximation. (Loading a PEFT adapter whose `rank_pattern` / `alpha_pattern`
+name single layers is exact all the same: interop.py pads the ranks and folds the scales.)
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class Module:
     out_features: int
     part: tuple[int, int] | None = None  # (index, parts) of a module fused along its output (GPT-2 c_attn)
     fan_in_fan_out: bool = False  # HF stores the weight [in, out] (GPT-2 Conv1D)
-    kind: str = "linear"  # or "embedding"
+    kind: str = "linear"  # or "embedding", or "tied_head": the output head of a tied model (no kernel of
+    # its own: embed_tokens' matrix transposed), which only LoRA can adapt
 
     @property
     def name(self) -> str:
@@ -82,13 +84,13 @@ def modules(arch: ArchConfig) -> list[Module]:
         for parent, name, i, o in projs:
             out.append(Module(("layers", parent, name), ours[name], ours[name], i, o))
         embed = "model.embed_tokens"
-    if not arch.tie_word_embeddings:
-        out.append(Module(("lm_head",), "lm_head", "lm_head", d, arch.vocab_size))
+    head = "linear" if not arch.tie_word_embeddings else "tied_head"
+    out.append(Module(("lm_head",), "lm_head", "lm_head", d, arch.vocab_size, kind=head))
     out.append(Module(("embed_tokens",), embed, "model.embed_tokens", arch.vocab_size, d, kind="embedding"))
     return out
 
 
-def _matches(target, name: str) -> bool:
+def matches(target, name: str) -> bool:
     """PEFT `check_target_module_exists`: a str is a regex full match; a list matches exactly or by suffix."""
     if isinstance(target, str):
         return re.fullmatch(target, name) is not None
@@ -128,8 +130,11 @@ def select(arch: ArchConfig, target, what: str = "target_modules", linear_only: 
         if target == ALL_LINEAR or (not isinstance(target, str) and ALL_LINEAR in target):
             hit = m.kind == "linear" and m.path != ("lm_head",)
         else:
-            hit = layer_uniform(
-                arch, m, lambda hf, ours: _matches(target, hf) or _matches(target, ours), what
+            hit = layer_uniform(arch, m, lambda hf, ours: matches(target, hf) or matches(target, ours), what)
+        if hit and linear_only and m.kind == "tied_head":
+            raise PeftConfigError(
+                f"{what}={target!r} selects the tied lm_head, which only LoRA can adapt (its weight is "
+                "embed_tokens'); leave lm_head out"
             )
         if hit and not (linear_only and m.kind != "linear"):
             chosen.append(m)

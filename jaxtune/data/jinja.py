@@ -141,7 +141,10 @@ def hf_messages(chat: Chat, system, messages) -> list[dict]:
             if m.tool_calls:
                 calls = []
                 for k, c in enumerate(m.tool_calls):
-                    call = {"type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                    call = {
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": _arguments(c.arguments)},
+                    }
                     call_id = c.id or (_call_id(i, k, c) if chat.reads_ids else None)
                     if call_id is not None:
                         call["id"] = call_id
@@ -187,6 +190,7 @@ def hf_tools(tools: str | None, loc: dict):
 class Shape:
     lead: str  # what the template writes between the generation prompt and a last turn's plain answer
     marker: str  # the end-of-turn marker after an answer ("" for templates with none, e.g. GLM-4)
+    header: str = ""  # what it writes before an answer in history (the role header), without the lead
 
 
 def _common_tokens(tokenizer, a: str, b: str) -> str:
@@ -222,7 +226,11 @@ def shape(chat: Chat) -> Shape:
         tail_last, tail_mid = last[last.index(_PROBE) + 1 :], mid[mid.index(_PROBE) + 1 :]
         marker = _common_tokens(chat.tokenizer, tail_last, tail_mid).rstrip()
         lead = last[len(pre) : last.index(_PROBE)] if last.startswith(pre) else ""
-        return Shape(lead, marker)
+        before = mid[: mid.index(_PROBE)]
+        header = before[len(_common_tokens(chat.tokenizer, chat.render([*head, user], None), before)) :]
+        return Shape(
+            lead, marker, header[: len(header) - len(lead)] if lead and header.endswith(lead) else header
+        )
     return Shape("", "")
 
 
@@ -347,12 +355,16 @@ def _find(chat: Chat, msgs, tools, t: _Turn, text: str, core, sh: Shape) -> tupl
     return (start, end) if start >= 0 and end is not None and text[start:a] == sh.lead else None
 
 
-def _search(t: _Turn, text: str, lo: int, hi: int) -> tuple[int, int] | None:
-    """The turn's own text between its located neighbours (tool-call turns have no answer to mark)."""
-    if t.text is None or not t.text.strip():
+def _search(t: _Turn, text: str, lo: int, hi: int, header: str, part: str | None = None):
+    """`part` (default: the turn's own text) right after `header`, between the turn's located neighbours:
+    how turns with no answer to mark (tool calls only) are found."""
+    part = t.text if part is None else part
+    if not part or not part.strip():
         return None
-    k = text.find(t.text, lo, hi)
-    return (k, k + len(t.text)) if k >= 0 else None
+    k = text.find(part, lo, hi)
+    while k >= 0 and not text[:k].endswith(header):
+        k = text.find(part, k + 1, hi)
+    return (k, k + len(part)) if k >= 0 else None
 
 
 def _locate(chat, msgs, tools, turns: list[_Turn], text: str, sh: Shape) -> dict[int, tuple[int, int] | None]:
@@ -366,7 +378,7 @@ def _locate(chat, msgs, tools, turns: list[_Turn], text: str, sh: Shape) -> dict
         if found[t.i] is None:
             lo = max((s[1] for i, s in found.items() if s is not None and i < t.i), default=0)
             hi = min((s[0] for i, s in found.items() if s is not None and i > t.i), default=len(text))
-            found[t.i] = _search(t, text, lo, hi)
+            found[t.i] = _search(t, text, lo, hi, sh.header)
     return found, cores
 
 
@@ -385,14 +397,25 @@ def _check_calls(m, t: _Turn, full: str, span) -> None:
         )
 
 
-def _as_rendered(text: str, core, sh: Shape) -> tuple[int, int] | None:
-    """A rewritten turn trained as the whole render writes it: its answer, any lead, its end marker."""
-    if core is None:
+def _as_rendered(t: _Turn, text: str, core, sh: Shape, lo: int, hi: int) -> tuple[int, int] | None:
+    """A rewritten turn trained as the whole render writes it: from its answer (with the template's lead
+    before it) to its end marker; a turn with no answer to mark (tool calls only) is found as the longest
+    part of its own text after the reasoning that history turns lose."""
+    if core is not None:
+        a, b = core
+        start = a - len(sh.lead) if sh.lead and text[:a].endswith(sh.lead) else a
+        end = _after(text, b, sh.marker)
+        if end is None and sh.marker:  # tool calls between the answer and the marker
+            k = text.find(sh.marker, b, hi)
+            end = k + len(sh.marker) if k >= 0 else None
+        return start, b if end is None else end
+    if t.text is None:
         return None
-    a, b = core
-    start = a - len(sh.lead) if sh.lead and text[:a].endswith(sh.lead) else a
-    end = _after(text, b, sh.marker)
-    return start, b if end is None else end
+    rest = t.text.rpartition("</think>")[2]
+    for k in range(len(rest) - len(rest.lstrip()) + 1):
+        if span := _search(t, text, lo, hi, sh.header, rest[k:]):
+            return span
+    return None
 
 
 # ---- the record -------------------------------------------------------------------------------------------
@@ -449,7 +472,9 @@ def _by_turns(chat, msgs, tools, messages, weights, off, full, history) -> list[
             spans[t.i] = (*found[t.i], w, kind)
             continue
         rewritten += 1
-        if history == "as_rendered" and (span := _as_rendered(full, cores.get(t.i), sh)) is not None:
+        lo = max((s[1] for i, s in found.items() if s is not None and i < t.i), default=0)
+        hi = min((s[0] for i, s in found.items() if s is not None and i > t.i), default=len(full))
+        if history == "as_rendered" and (span := _as_rendered(t, full, cores.get(t.i), sh, lo, hi)):
             spans[t.i] = (*span, w, kind)
         elif history == "split" and w > 0:
             span = _locate(chat, msgs[: t.j + 1], tools, [t], t.upto, sh)[0][t.i]
@@ -482,7 +507,9 @@ def _by_generation(chat, msgs, tools, messages, weights, full) -> Rendered:
         **{**special, **chat.kwargs},
     )  # fmt: skip
     if texts[0] != full:
-        raise DataError("the {% generation %} render differs from the chat template's", reason="template error")
+        raise DataError(
+            "the {% generation %} render differs from the chat template's", reason="template error"
+        )
     turns = [i for i, m in enumerate(messages) if m.role in TRAINED]
     blocks = [tuple(b) for b in blocks[0]]
     if len(blocks) == len(turns):

@@ -70,7 +70,9 @@ def clean_text(text: str) -> str:
 def _clean_msgs(msgs) -> tuple[Message, ...]:
     return tuple(
         dataclasses.replace(
-            m, content=clean_text(m.content), reasoning=clean_text(m.reasoning) if m.reasoning else m.reasoning
+            m,
+            content=clean_text(m.content),
+            reasoning=clean_text(m.reasoning) if m.reasoning else m.reasoning,
         )
         for m in msgs
     )

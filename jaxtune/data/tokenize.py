@@ -12,6 +12,7 @@ target, else -100 (unshifted; the model or `batching.py` shifts).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -176,7 +177,8 @@ def encode_examples(
         record, tokenizer, template, record.messages, mask_history,
         template_kwargs=template_kwargs, rewritten_history=rewritten_history,
     )  # fmt: skip
-    examples = [tokens_of(r, tokenizer, train_on_prompt, counts) for r in renders]
+    mine = collections.Counter()  # added to `counts` once the row is known to train something
+    examples = [tokens_of(r, tokenizer, train_on_prompt, mine) for r in renders]
     if require_response and not any((ex.weights > 0).any() for ex in examples):
         raise DataError(
             "no token of this row is trained (its assistant turns are masked, weighted 0 or not written by "
@@ -186,6 +188,7 @@ def encode_examples(
             **where(record),
         )
     if counts is not None:
+        counts.update(mine)
         head = renders[0]
         counts["turns rewritten by the template"] += head.rewritten
         counts["turns left untrained (rewritten_history=final)"] += head.untrained

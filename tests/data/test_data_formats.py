@@ -91,7 +91,10 @@ def test_openai_messages_with_tool_calls(tmp_path):
     assert [m.role for m in rec.messages] == ["user", "function_call", "observation", "assistant"]
     assert rec.messages[0].content == "weather Paris?"
     call = rec.messages[1]
-    assert call.content == "" and json.loads(call.calls_json()) == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert call.content == "" and json.loads(call.calls_json()) == {
+        "name": "get_weather",
+        "arguments": {"city": "Paris"},
+    }
     assert call.tool_calls[0].id is None and rec.messages[2].tool_call_id is None
     assert rec.messages[3].loss_weight == 0.5
 

@@ -186,7 +186,11 @@ def test_iterators_without_keywords_use_data_config_defaults(demo, chatml_tok):
     got = (enc.cutoff_len, enc.min_length, enc.overlength, enc.template)
     assert got == (d.cutoff_len, d.min_length, d.overlength, d.template)
     got = {k: enc.opts[k] for k in ("train_on_prompt", "mask_history", "template_kwargs")}
-    assert got == {"train_on_prompt": d.train_on_prompt, "mask_history": d.mask_history, "template_kwargs": {}}
+    assert got == {
+        "train_on_prompt": d.train_on_prompt,
+        "mask_history": d.mask_history,
+        "template_kwargs": {},
+    }
     assert enc.rewritten_history == d.rewritten_history and enc.opts["counts"] is enc.report.tokens
     # build reads every DataConfig field of a real DataConfig, and builds the same iterator
     built = pipeline.build(DataConfig(train=(str(demo / "alpaca.json"),)), chatml_tok, 2, "lm").train

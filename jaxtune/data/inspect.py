@@ -129,6 +129,7 @@ def run(
         "filtered": dict(report.filtered),
         "skipped": dict(report.skipped),
         "truncated": report.truncated,
+        "trained_tokens": dict(report.tokens),  # by turn kind, untrained, and turns a template rewrites
         "packing_efficiency": eff,
         "steps_per_epoch": steps,
     }
@@ -163,7 +164,6 @@ def _tokenizer(model_cfg):
         ) from None
 
 
-# until the method records land: each stage's data kind (the CLI will pass the method record's data_kind)
 def main(cfg, kind: str) -> dict:
     """`jaxtune data inspect CONFIG`: `cfg` is a RunConfig (its model gives the tokenizer); `kind` the data
     kind of its stage's method record (the CLI looks it up: `methods.METHODS[cfg.stage].data_kind`)."""

@@ -116,7 +116,17 @@ def preference_batch(pairs: Sequence[tuple[Example, Example]], bucket_multiple: 
 
 
 def kto_batch(examples: Sequence[tuple[Example, bool]], bucket_multiple: int = 64, cap=None) -> KTOBatch:
-    batch = pad_batch([ex for ex, _ in examples], bucket_multiple, cap=cap)
+    """Padded wide enough for KTO's KL rows too (`methods/kto.mismatched`: a row's prompt, everything before its
+    first trained token, followed by another row's completion): the longest prompt plus the longest completion,
+    up to `cap`, so no bucketing ever cuts them."""
+    exs = [ex for ex, _ in examples]
+    trained = [(ex.weights[1:] > 0, len(ex)) for ex in exs]  # token 0 is never a target
+    prompts = [(int(np.argmax(t)) + 1, n) for t, n in trained if t.any()]
+    kl_len = max((p for p, _ in prompts), default=0) + max((n - p for p, n in prompts), default=0)
+    if cap is not None:
+        kl_len = min(kl_len, cap)  # longer KL rows are cut at cutoff_len (TRL cuts them at max_length)
+    longest = max([len(ex) for ex in exs] + [kl_len, 1])
+    batch = token_batch([[ex] for ex in exs], bucket_len(longest, bucket_multiple, cap))
     return KTOBatch(batch, np.asarray([bool(lab) for _, lab in examples], bool))
 
 

@@ -12,31 +12,45 @@ reference's (rc, rr). With z = (pc - rc) - (pr - rr), the implicit rewards are �
 |           |                                                                    | of Sec. 3 (dpo_loss, "robust")          |
 | hinge     | max(0, 1 - βz)                                                     | SLiC-HF, Zhao et al. 2023; RSO, Liu et  |
 |           |                                                                    | al. 2024 (dpo_loss, "hinge")            |
-| ipo       | (z - 1/(2β))², log-probs as per-token means                        | Azar et al. 2023, Eq. 17, β = τ         |
-|           |                                                                    | (dpo_loss, "ipo")                       |
+| ipo       | (z - 1/(2β))², log-probs as per-token means; rewards from sums     | Azar et al. 2023, Eq. 17, β = τ         |
+|           | (see Metrics)                                                      | (dpo_loss, "ipo")                       |
 | simpo     | -(1-ε) log σ(β(pc - pr) - γ) - ε log σ(γ - β(pc - pr)), means,     | Meng et al. 2024, Eq. 6                 |
 |           | no reference; rewards β pc, β pr                                   | (CPOTrainer.cpo_loss, "simpo")          |
-| orpo      | -α pc - λ log σ(log odds(pc) - log odds(pr)), means, no reference; | Hong et al. 2024, Eqs. 6-7              |
-|           | log odds(p) = p - log(1 - e^p); rewards λ pc, λ pr                 | (ORPOTrainer.odds_ratio_loss)           |
+| orpo      | α NLL - λ log σ(log odds(pc) - log odds(pr)), means, no reference; | Hong et al. 2024, Eqs. 6-7              |
+|           | log odds(p) = p - log(1 - e^p); rewards λ pc, λ pr; NLL below      | (ORPOTrainer.odds_ratio_loss)           |
+
+ORPO's NLL (`dpo.orpo_nll`): "sequence" (default, TRL's `ORPOTrainer.concatenated_forward`, decoder-only): the
+mean NLL of every predicted token of the chosen rows, prompt included (every real token but a row's first),
+over all chosen tokens of the micro-batch, with weight 1 (message loss weights do not apply); each pair's
+loss carries that one number, so the mean over pairs is TRL's `nll - mean(λ log σ)`. "response" (the paper's
+Eq. 2): each chosen response's mean token NLL, -pc, averaged over pairs.
 
 Gradients (what the tests check against autodiff): with s = σ(βz), ∂L/∂pc = -∂L/∂pr = ∂L/∂z, and
 sigmoid ∂L/∂z = -β[(1-ε)(1-s) - ε s]; robust -β[(1-ε)(1-s) + ε s] / (1-2ε); hinge -β·[βz < 1];
 ipo 2(z - 1/(2β)) (then ÷ token count for a mean); SimPO as sigmoid with βz -> β(pc - pr) - γ; ORPO
-∂L/∂pc = -α - λ σ(-Δ) / (1 - e^pc), ∂L/∂pr = λ σ(-Δ) / (1 - e^pr), Δ = log odds(pc) - log odds(pr).
+(orpo_nll=response) ∂L/∂pc = -α - λ σ(-Δ) / (1 - e^pc), ∂L/∂pr = λ σ(-Δ) / (1 - e^pr), Δ = log odds(pc) -
+log odds(pr).
 
 TRL names: the table's `dpo_loss` is TRL < 1.0's `DPOTrainer.dpo_loss`; in TRL 1.16 these losses live in
 `DPOTrainer._compute_loss`, whose "sigmoid" ignores label_smoothing, so cDPO (sigmoid with ε > 0) matches
-`CPOTrainer.cpo_loss(loss_type="sigmoid")` there (tests/methods/test_trl_oracle.py calls both). IPO's logged
-rewards use the per-token means the loss uses (TRL logs β × sums); the loss itself is the same.
+`CPOTrainer.cpo_loss(loss_type="sigmoid")` there. TRL's SimPO is `CPOTrainer` with `cpo_alpha=0` (no NLL
+term). tests/methods/test_trl_oracle.py runs this module's `loss_fn` and TRL's trainers on the same tokens and
+compares losses and every metric below.
 
-Differences from TRL, both deliberate: the loss is a mean over pairs of the whole optimiser step (accumulation
-equals one big batch), and ORPO's NLL term is each chosen response's mean token NLL, averaged over pairs (TRL
-averages over all chosen tokens of the batch). `loss_type: kto` is stage `kto` (`methods/kto.py`).
+Differences from TRL: the loss is a mean over pairs of the whole optimiser step (accumulation equals one big
+batch), except ORPO's "sequence" NLL, a token mean per micro-batch (as TRL with gradient accumulation), which
+the step averages over micro-batches by their pair counts. `loss_type: kto` is stage `kto` (`methods/kto.py`).
 
 Reference log-probs (sigmoid, robust, hinge, ipo) come from `methods/reference.py`: adapters switched off
 under PEFT, a frozen copy of the trained leaves under full fine-tuning, or precomputed before training.
-Metrics: loss, rewards/chosen, rewards/rejected, margins (their difference), accuracy (chosen reward >
-rejected), logps/chosen, logps/rejected (the log-probs the loss used), and for ORPO nll and log_odds_ratio.
+
+Metrics, as TRL's trainer for the loss type logs them (means over pairs): loss, rewards/chosen,
+rewards/rejected, margins (their difference; TRL: rewards/margins), accuracy (chosen reward > rejected; TRL:
+rewards/accuracies), logps/chosen, logps/rejected. Rewards and logps come from the summed log-probs for the
+DPOTrainer losses (sigmoid, robust, hinge and ipo: TRL logs β × summed log-ratios even though the IPO loss
+uses means; `dpo.ipo_rewards: mean` logs IPO's means instead), from the per-token means for simpo and orpo.
+ORPO adds nll (its NLL term; TRL: nll_loss) and perplexity, log_odds_ratio (mean log σ(Δ), TRL's name) and
+log_odds_chosen (mean Δ).
 """
 
 from __future__ import annotations
@@ -109,32 +123,46 @@ def log_odds_ratio(pc, pr):
     return (pc - pr) - (log1mexp(pc) - log1mexp(pr))
 
 
-def orpo_loss(pc, pr, alpha: float, lam: float):
-    """-α pc (the chosen response's mean token NLL) - λ log σ(log odds ratio)."""
-    return -alpha * pc - lam * jax.nn.log_sigmoid(log_odds_ratio(pc, pr))
+def orpo_loss(pc, pr, alpha: float, lam: float, nll=None):
+    """α nll - λ log σ(log odds ratio); `nll` defaults to -pc (the chosen response's mean token NLL)."""
+    nll = -pc if nll is None else nll
+    return alpha * nll - lam * jax.nn.log_sigmoid(log_odds_ratio(pc, pr))
 
 
-def pair_losses(pc, pr, rc, rr, cfg):
-    """(losses, chosen rewards, rejected rewards), each [B], for `cfg` (a DPOConfig). Rewards carry no gradient."""
+def pair_losses(pc, pr, rc, rr, cfg, nll=None):
+    """Per-pair losses [B] for `cfg` (a DPOConfig) from the log-probs the loss type uses (MEAN_LOGPS: means).
+
+    `nll` [B]: ORPO's NLL term per pair (see the module docstring); None: -pc."""
     kind, beta, eps = cfg.loss_type, cfg.beta, cfg.label_smoothing
-    sg = jax.lax.stop_gradient
     if kind == "simpo":
-        return simpo_loss(pc, pr, beta, cfg.simpo_gamma, eps), sg(beta * pc), sg(beta * pr)
+        return simpo_loss(pc, pr, beta, cfg.simpo_gamma, eps)
     if kind == "orpo":
-        lam = cfg.orpo_beta
-        return orpo_loss(pc, pr, cfg.orpo_alpha, lam), sg(lam * pc), sg(lam * pr)
+        return orpo_loss(pc, pr, cfg.orpo_alpha, cfg.orpo_beta, nll)
     z = (pc - rc) - (pr - rr)
     if kind == "sigmoid":
-        losses = sigmoid_loss(z, beta, eps)
-    elif kind == "robust":
-        losses = robust_loss(z, beta, eps)
-    elif kind == "hinge":
-        losses = hinge_loss(z, beta)
-    elif kind == "ipo":
-        losses = ipo_loss(z, beta)
-    else:
-        raise RunError(f"dpo.loss_type={kind!r} is not a pairwise loss (kto is stage: kto)")
-    return losses, sg(beta * (pc - rc)), sg(beta * (pr - rr))
+        return sigmoid_loss(z, beta, eps)
+    if kind == "robust":
+        return robust_loss(z, beta, eps)
+    if kind == "hinge":
+        return hinge_loss(z, beta)
+    if kind == "ipo":
+        return ipo_loss(z, beta)
+    raise RunError(f"dpo.loss_type={kind!r} is not a pairwise loss (kto is stage: kto)")
+
+
+def pair_rewards(pc, pr, rc, rr, cfg):
+    """(chosen, rejected) implicit rewards [B], no gradient: β (p - ref), or for the reference-free losses
+    β p (SimPO) and λ p (ORPO), from the log-probs given (the reported ones: see `reports_means`)."""
+    sg = jax.lax.stop_gradient
+    if cfg.loss_type in REFERENCE_FREE:
+        coef = cfg.orpo_beta if cfg.loss_type == "orpo" else cfg.beta
+        return sg(coef * pc), sg(coef * pr)
+    return sg(cfg.beta * (pc - rc)), sg(cfg.beta * (pr - rr))
+
+
+def reports_means(cfg) -> bool:
+    """Whether rewards and logps/* are logged from per-token means (TRL's CPO/ORPO trainers; IPO on request)."""
+    return cfg.loss_type in REFERENCE_FREE or (cfg.loss_type == "ipo" and cfg.ipo_rewards == "mean")
 
 
 # ----------------------------------------------------------------------------------------------- method
@@ -155,10 +183,33 @@ def denominator(batch):
     return pair_mask(batch).sum()
 
 
+def trained_logps(stats, tb: TokenBatch):
+    """Summed trained-token log-probs [rows] and trained-token counts (loss weights) [rows]."""
+    return sequence_logps(stats, tb.loss_mask), tb.loss_mask.sum(-1)
+
+
 def sequence_logps_of(lm, variables, both: TokenBatch, rng=None, train: bool = False):
     """Summed trained-token log-probs [2B] and trained-token counts [2B] of a `pair_batch`."""
-    stats = lm.stats(variables, both, rng, train=train)
-    return sequence_logps(stats, both.loss_mask), both.loss_mask.sum(-1)
+    return trained_logps(lm.stats(variables, both, rng, train=train), both)
+
+
+def predicted_mask(tb: TokenBatch) -> jax.Array:
+    """[B, T] 1.0 where targets[t] is a real token of the same document: every token but a document's first,
+    prompt included (TRL's ORPO labels: input_ids where attention_mask is 1, shifted)."""
+    seg = tb.segment_ids
+    following = jnp.pad(seg[:, 1:], ((0, 0), (0, 1)))
+    return ((seg > 0) & (following == seg)).astype(jnp.float32)
+
+
+def sequence_nll(logp, tb: TokenBatch, rows) -> jax.Array:
+    """Mean NLL over every predicted token of the rows of `tb` where `rows` [B] is 1: one number."""
+    mask = predicted_mask(tb) * rows[:, None]
+    return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def halves(logps, ref, b: int):
+    """[2B] policy and reference log-probs of a `pair_batch` -> (pc, pr, rc, rr), each [B]."""
+    return logps[:b], logps[b:], ref[:b], ref[b:]
 
 
 def loss_fn(lm, variables, batch, rng, cfg, train: bool = True):
@@ -166,7 +217,8 @@ def loss_fn(lm, variables, batch, rng, cfg, train: bool = True):
     b = batch.chosen.input_ids.shape[0]
     policy, ref_vars = reference.split(variables)
     both = pair_batch(batch.chosen, batch.rejected)
-    logps, counts = sequence_logps_of(lm, policy, both, rng, train)
+    stats = lm.stats(policy, both, rng, train=train)
+    logps, counts = trained_logps(stats, both)
     if d.loss_type in REFERENCE_FREE:
         ref = jnp.zeros_like(logps)
     elif isinstance(batch, RefPreferenceBatch):
@@ -174,25 +226,34 @@ def loss_fn(lm, variables, batch, rng, cfg, train: bool = True):
     else:
         ref, _ = sequence_logps_of(lm, ref_vars, both)
         ref = jax.lax.stop_gradient(ref)
-    if d.loss_type in MEAN_LOGPS:
-        logps, ref = logps / jnp.maximum(counts, 1.0), ref / jnp.maximum(counts, 1.0)
-    pc, pr, rc, rr = logps[:b], logps[b:], ref[:b], ref[b:]
-    losses, chosen_r, rejected_r = pair_losses(pc, pr, rc, rr, d)
+    per_token = lambda x: x / jnp.maximum(counts, 1.0)
+    sums_of, means_of = halves(logps, ref, b), halves(per_token(logps), per_token(ref), b)
+    pc, pr, rc, rr = means_of if d.loss_type in MEAN_LOGPS else sums_of  # what the loss sees
+    shown = means_of if reports_means(d) else sums_of  # what the metrics report
     valid = pair_mask(batch)
+    nll = None
+    if d.loss_type == "orpo":
+        seq_nll = lambda: jnp.broadcast_to(sequence_nll(stats.logp[:b], batch.chosen, valid), (b,))
+        nll = seq_nll() if d.orpo_nll == "sequence" else -pc
+    losses = pair_losses(pc, pr, rc, rr, d, nll)
+    chosen_r, rejected_r = pair_rewards(*shown, d)
     total = lambda x: (x * valid).sum()
+    sg = jax.lax.stop_gradient
     sums = {
         "loss": total(losses),
         "rewards/chosen": total(chosen_r),
         "rewards/rejected": total(rejected_r),
         "margins": total(chosen_r - rejected_r),
         "accuracy": total((chosen_r > rejected_r).astype(jnp.float32)),
-        "logps/chosen": total(jax.lax.stop_gradient(pc)),
-        "logps/rejected": total(jax.lax.stop_gradient(pr)),
+        "logps/chosen": total(sg(shown[0])),
+        "logps/rejected": total(sg(shown[1])),
         "tokens": (both.segment_ids > 0).sum().astype(jnp.float32),
     }
     if d.loss_type == "orpo":
-        sums["nll"] = total(jax.lax.stop_gradient(-pc))
-        sums["log_odds_ratio"] = total(jax.lax.stop_gradient(log_odds_ratio(pc, pr)))
+        delta = sg(log_odds_ratio(pc, pr))
+        sums["nll"] = total(sg(nll))
+        sums["log_odds_ratio"] = total(jax.nn.log_sigmoid(delta))
+        sums["log_odds_chosen"] = total(delta)
     return total(losses), sums
 
 

@@ -1,8 +1,8 @@
 """KTO (stage `kto`): alignment from unpaired completions labelled desirable or undesirable.
 
 Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Sec. 4 (the KTO loss), as
-TRL's `KTOTrainer.kto_loss` (TRL 1.16: inside `KTOTrainer._compute_loss`). With r = log π(y|x) - log π_ref(y|x) (summed over the completion's trained tokens)
-and z0 the reference point,
+TRL's `KTOTrainer.kto_loss` (TRL 1.16: inside `KTOTrainer._compute_loss`). With r = log π(y|x) - log π_ref(y|x)
+(summed over the completion's trained tokens) and z0 the reference point,
 
     desirable:    L = λ_D (1 - σ(β (r - z0)))        ∂L/∂log π = -λ_D β s (1 - s),  s = σ(β (r - z0))
     undesirable:  L = λ_U (1 - σ(β (z0 - r)))        ∂L/∂log π =  λ_U β u (1 - u),  u = σ(β (z0 - r))
@@ -11,14 +11,21 @@ and z0 the reference point,
 
 λ_D, λ_U = dpo.desirable_weight, dpo.undesirable_weight; β = dpo.beta. As in the paper and TRL, z0 is a biased
 estimate of KL(π || π_ref) from the same micro-batch: row i's prompt followed by row (i-1)'s completion
-(`mismatched`; TRL builds these pairs in its dataset instead), so micro-batches need at least 2 rows. The
-prompt of a row is everything before its first trained token, the completion everything after.
+(`mismatched`; TRL rotates the completions the same way in its dataset), so micro-batches need at least 2 rows.
+The prompt of a row is everything before its first trained token, the completion everything after. The KL
+rows are never cut by the batch width: `data.batching.kto_batch` pads every KTO batch to a width that holds
+any prompt of the batch followed by any completion of it, up to `data.cutoff_len` (where TRL's KL rows are cut
+at max_length too), so z0 and the loss do not depend on `data.bucket_multiple`.
 
 Reference as in `methods/reference.py` (adapters off, or a frozen copy under full fine-tuning);
 `dpo.precompute_ref_log_probs` is refused, because z0 pairs rows differently in every batch.
-Metrics: loss, kl (z0), accuracy (desirable with r > z0, undesirable with r < z0), rewards/chosen and
-rewards/rejected (β r means over the desirable / undesirable rows of each micro-batch, averaged over
-micro-batches by size), logps (policy log-probs).
+
+Metrics, as TRL's `KTOTrainer` logs them: loss, kl (z0, after the clamp), rewards/chosen and rewards/rejected
+(β r averaged over the desirable / undesirable rows), logps/chosen and logps/rejected (the summed policy
+log-probs averaged likewise), margins (rewards/chosen - rewards/rejected). The class means are taken per
+micro-batch and averaged over micro-batches by their sizes (TRL's, for one micro-batch per step; a micro-batch
+without a class counts 0 for it, where TRL logs nothing). jaxtune adds accuracy (desirable rows with r > z0,
+undesirable with r < z0; TRL's KTOTrainer logs none).
 """
 
 from __future__ import annotations
@@ -55,7 +62,8 @@ def mismatched(tb: TokenBatch) -> tuple[TokenBatch, jax.Array]:
     """Row i := prompt of row i + completion of row i-1 (cyclic), cut to T tokens; and which rows are real.
 
     Rows are right-padded single documents (KTO batches are never packed). Loss weights come with the
-    completion from its own row."""
+    completion from its own row. Batches from `kto_batch` are wide enough that nothing is cut below
+    `data.cutoff_len` (see the module docstring)."""
     b, t = tb.input_ids.shape
     trained = tb.loss_mask > 0
     p = jnp.argmax(trained, axis=-1) + 1  # [B] prompt length: target t is token t + 1
@@ -113,20 +121,24 @@ def loss_fn(lm, variables, batch: KTOBatch, rng, cfg, train: bool = True):
     losses = kto_losses(policy, ref, kl, label, d.beta, d.desirable_weight, d.undesirable_weight)
     valid = _valid(tb).astype(jnp.float32)
     total = lambda x: (x * valid).sum()
-    reward = jax.lax.stop_gradient(d.beta * (policy - ref))
+    sg = jax.lax.stop_gradient
+    reward = sg(d.beta * (policy - ref))
     n_valid = valid.sum()
 
-    def class_mean(mask):  # the micro-batch's class mean, weighted by its size (see module docstring)
+    def class_mean(x, mask):  # the micro-batch's class mean, weighted by its size (see module docstring)
         m = mask.astype(jnp.float32) * valid
-        return (reward * m).sum() / jnp.maximum(m.sum(), 1.0) * n_valid
+        return (x * m).sum() / jnp.maximum(m.sum(), 1.0) * n_valid
 
+    chosen_r, rejected_r = class_mean(reward, label), class_mean(reward, ~label)
     sums = {
         "loss": total(losses),
         "kl": kl * n_valid,
+        "rewards/chosen": chosen_r,
+        "rewards/rejected": rejected_r,
+        "margins": chosen_r - rejected_r,
+        "logps/chosen": class_mean(sg(policy), label),
+        "logps/rejected": class_mean(sg(policy), ~label),
         "accuracy": total(jnp.where(label, policy - ref > kl, policy - ref < kl).astype(jnp.float32)),
-        "rewards/chosen": class_mean(label),
-        "rewards/rejected": class_mean(~label),
-        "logps": total(jax.lax.stop_gradient(policy)),
         "tokens": (tb.segment_ids > 0).sum().astype(jnp.float32),
     }
     return total(losses), sums

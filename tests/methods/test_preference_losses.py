@@ -29,8 +29,7 @@ def sig(x):
 
 def loss_and_grads(cfg, pc=PC, pr=PR, rc=RC, rr=RR):
     def f(pc, pr):
-        losses, _, _ = dpo.pair_losses(pc, pr, rc, rr, cfg)
-        return losses
+        return dpo.pair_losses(pc, pr, rc, rr, cfg)
 
     value = float(f(jnp.float32(pc), jnp.float32(pr)))
     gc, gr = jax.grad(f, argnums=(0, 1))(jnp.float32(pc), jnp.float32(pr))

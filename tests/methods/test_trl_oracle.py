@@ -16,6 +16,13 @@ attributes that method reads (the defaults of TRL's own config for everything we
 | dpo.pair_losses simpo                     | CPOTrainer.cpo_loss, loss_type="simpo"                          |
 | dpo.pair_losses orpo (odds-ratio part)    | ORPOTrainer.odds_ratio_loss (its losses and log_odds outputs)   |
 | kto.kto_losses                            | KTOTrainer._compute_loss (TRL computes z0 from the KL rows)     |
+| dpo.loss_fn metrics (loss, rewards/*,     | DPOTrainer._compute_loss's logged metrics (sigmoid, robust,     |
+|   margins, accuracy, logps/*), through    | hinge, ipo), ORPOTrainer.get_batch_loss_metrics (the whole ORPO |
+|   dpo.DPO's finalize                      | loss: nll over prompt + response, log_odds_*), CPOTrainer.get_  |
+|                                           | batch_loss_metrics (simpo, cpo_alpha=0); one token-level stand- |
+|                                           | in model on both sides, jaxtune's own batching                  |
+| kto.loss_fn metrics (loss, kl, rewards/*, | KTOTrainer._compute_loss's logged metrics, given TRL's rotated  |
+|   logps/*, margins)                       | KL rows; jaxtune builds its own (`kto.mismatched`)              |
 | grpo.objective                            | GRPOTrainer._compute_loss, loss_type="grpo", with               |
 |                                           | `_get_per_token_logps_and_entropies` replaced by the fixed      |
 |                                           | per-token log-probs                                             |
@@ -25,7 +32,8 @@ attributes that method reads (the defaults of TRL's own config for everything we
 
 Batched calls give TRL's mean loss and, by torch autograd through TRL's code, its gradient with respect to
 the policy log-probs, compared with jax.grad of the mean of ours; one-pair calls give per-pair losses and
-rewards. Float64 on both sides (jax inside `jax.enable_x64`), except ORPO, which TRL casts to float32.
+rewards. Float64 on both sides (jax inside `jax.enable_x64`), except ORPO, which TRL casts to float32. The
+metric tests compare what each side reports for one batch, every metric by name.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from trl.experimental.cpo import CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOTrainer  # noqa: E402
 from trl.trainer.utils import nanstd  # noqa: E402
 
-from jaxtune.config import DPOConfig  # noqa: E402
+from jaxtune.config import DPOConfig, load_config  # noqa: E402
 from jaxtune.methods import dpo, grpo, kto  # noqa: E402
 
 RTOL, ATOL = 1e-6, 1e-8  # float64; both sides do the same few operations in the same precision
@@ -164,7 +172,8 @@ def trl_dpo(trainer, token_logps, mask, ref_sums):
 
 def ours_dpo(cfg, sums, ref_sums, counts):
     """(mean loss, its gradient w.r.t. the summed log-probs [2B], per-pair losses, chosen and rejected rewards)
-    — the summed log-probs turned into per-token means for the loss types jaxtune length-normalises."""
+    — the summed log-probs turned into per-token means for the loss types jaxtune length-normalises; rewards
+    from the sums (what TRL's DPOTrainer logs for all of these loss types, IPO included)."""
     n = len(sums) // 2
 
     def per_pair(sums):
@@ -175,8 +184,9 @@ def ours_dpo(cfg, sums, ref_sums, counts):
 
     with jax.enable_x64(True):
         sums = jnp.asarray(sums)
-        losses, rc, rr = per_pair(sums)
-        grad = jax.grad(lambda s: per_pair(s)[0].mean())(sums)
+        losses = per_pair(sums)
+        rc, rr = dpo.pair_rewards(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], cfg)
+        grad = jax.grad(lambda s: per_pair(s).mean())(sums)
         return float(losses.mean()), np.asarray(grad), np.asarray(losses), np.asarray(rc), np.asarray(rr)
 
 
@@ -210,12 +220,10 @@ def test_dpo_family_matches_trl_dpo_trainer(seed, loss_type, beta, eps):
         rows = [i, pairs + i]
         loss_i, _, m = trl_dpo(trainer, token_logps[rows], mask[rows], ref_sums[rows])
         close(our_losses[i], loss_i)
-        if loss_type != "ipo":  # TRL logs β (π - π_ref) of the sums; jaxtune's IPO rewards use its means
-            close(our_rc[i], m["rewards/chosen"])
-            close(our_rr[i], m["rewards/rejected"])
-    if loss_type != "ipo":
-        close(our_rc.mean(), metrics["rewards/chosen"])
-        close(our_rr.mean(), metrics["rewards/rejected"])
+        close(our_rc[i], m["rewards/chosen"])
+        close(our_rr[i], m["rewards/rejected"])
+    close(our_rc.mean(), metrics["rewards/chosen"])
+    close(our_rr.mean(), metrics["rewards/rejected"])
 
 
 def cpo(trainer, chosen, rejected):
@@ -230,8 +238,8 @@ def cpo(trainer, chosen, rejected):
 def ours_pairs(cfg, pc, pr, rc, rr):
     with jax.enable_x64(True):
         args = [jnp.asarray(x) for x in (pc, pr, rc, rr)]
-        losses, cr, rrw = dpo.pair_losses(*args, cfg)
-        gc, gr = jax.grad(lambda pc, pr: dpo.pair_losses(pc, pr, *args[2:], cfg)[0].sum(), argnums=(0, 1))(
+        losses, (cr, rrw) = dpo.pair_losses(*args, cfg), dpo.pair_rewards(*args, cfg)
+        gc, gr = jax.grad(lambda pc, pr: dpo.pair_losses(pc, pr, *args[2:], cfg).sum(), argnums=(0, 1))(
             *args[:2]
         )
         return [np.asarray(x) for x in (losses, cr, rrw, gc, gr)]
@@ -280,8 +288,9 @@ def test_orpo_odds_ratio_matches_trl(lam):
     alpha = 1.0
     cfg = DPOConfig(loss_type="orpo", orpo_alpha=alpha, orpo_beta=lam)
     zero = jnp.zeros(16)
-    part = lambda pc, pr: dpo.pair_losses(pc, pr, zero, zero, cfg)[0] + alpha * pc
-    ours, our_cr, our_rr = dpo.pair_losses(jnp.asarray(pc), jnp.asarray(pr), zero, zero, cfg)
+    part = lambda pc, pr: dpo.pair_losses(pc, pr, zero, zero, cfg) + alpha * pc  # nll = -pc: the response's
+    ours = dpo.pair_losses(jnp.asarray(pc), jnp.asarray(pr), zero, zero, cfg)
+    our_cr, our_rr = dpo.pair_rewards(jnp.asarray(pc), jnp.asarray(pr), zero, zero, cfg)
     close(ours + alpha * pc, -losses.detach().numpy(), rtol=1e-5, atol=1e-7)
     close(our_cr, cr.numpy(), rtol=1e-6)
     close(our_rr, rr.numpy(), rtol=1e-6)
@@ -353,6 +362,264 @@ def test_kto_matches_trl_kto_trainer(beta, wd, wu, kl_shift):
         loss_i, _, _ = trl_kto(trainer, token_logps[i : i + 1], mask[i : i + 1], labels[i : i + 1], ref[i : i + 1],
                                kl_token_logps, kl_mask, ref_kl)  # fmt: skip
         close(losses[i], loss_i)
+
+
+# ------------------------------------------------- metrics: jaxtune's loss_fn and TRL's trainers on the same tokens
+#
+# Both sides get one tiny "model" whose logits at position t are table[input_ids[t]] + pos[t] (float64): TRL
+# calls it as its model (fused LM head or plain logits), jaxtune's loss_fn as its `LM` (`stats`), so each side
+# does its own masking, summing, normalising, reference pairing and metric bookkeeping from the same token rows.
+# The rows go through jaxtune's own batching (bucketed, so wider than TRL's), TRL gets them unpadded-to-bucket
+# as its collators make them.
+
+V = 16
+
+
+def tables(seed):
+    rng = np.random.default_rng(seed)
+    return rng.normal(0.0, 1.5, (V, V)), rng.normal(0.0, 1.5, (V, V)), rng.normal(0.0, 0.5, (64, V))
+
+
+class TorchTokenLM:
+    """TRL's model: fused-LM-head log-probs (0 where the label is -100), or plain logits."""
+
+    training = True
+
+    def __init__(self, table, pos):
+        self.table, self.pos = torch.tensor(table), torch.tensor(pos)
+
+    def __call__(self, input_ids, attention_mask=None, labels=None, fused_lm_head=False, **kwargs):
+        logits = self.table[input_ids] + self.pos[: input_ids.shape[1]]
+        if not fused_lm_head:
+            return types.SimpleNamespace(logits=logits, aux_loss=None)
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        log_probs = logp * (labels[:, 1:] != -100)
+        zeros = torch.zeros_like(log_probs)
+        return types.SimpleNamespace(
+            log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(), aux_loss=None
+        )
+
+
+class JaxTokenLM:
+    """jaxtune's `LM` for the same model: `variables["params"]["table"]` picks policy or reference."""
+
+    def __init__(self, pos):
+        self.pos = pos  # numpy float64: made a jax array inside `ours`, under enable_x64
+
+    def stats(self, variables, batch, rng=None, train=False):
+        from jaxtune.methods.logps import TokenStats
+
+        ids = jnp.asarray(batch.input_ids)
+        logits = variables["params"]["table"][ids] + self.pos[: ids.shape[1]]
+        lp = jax.nn.log_softmax(logits, -1)
+        logp = jnp.take_along_axis(lp, jnp.asarray(batch.targets)[..., None], -1)[..., 0]
+        return TokenStats(logp, jax.nn.logsumexp(logits, -1), logits.mean(-1), jnp.zeros(ids.shape, bool))
+
+
+def jax_variables(policy, ref):
+    """A frozen-copy reference (`reference.split` overlays it on the policy's params)."""
+    from jaxtune.methods.reference import REFERENCE
+
+    return {"params": {"table": policy}, REFERENCE: {"table": ref}}  # float64 numpy, as `pos`
+
+
+def example(prompt, completion):
+    from jaxtune.data.tokenize import Example
+
+    ids = np.asarray(list(prompt) + list(completion), np.int32)
+    return Example(ids, np.asarray([0.0] * len(prompt) + [1.0] * len(completion), np.float32), len(prompt))
+
+
+def random_tokens(rng, lo, hi):
+    return rng.integers(0, V, rng.integers(lo, hi + 1)).tolist()
+
+
+def right_pad(rows, masks=None, value=0):
+    """TRL's collators: right padding to the longest row; (ids, attention mask, completion mask)."""
+    t = max(len(r) for r in rows)
+    ids = torch.tensor([r + [value] * (t - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in rows])
+    if masks is None:
+        return ids, attention
+    return ids, attention, torch.tensor([m + [0] * (t - len(m)) for m in masks])
+
+
+def ours(method, lm, variables, batch, cfg):
+    """jaxtune's reported metrics for one batch (one micro-batch per step): loss_fn, then finalize."""
+    from jaxtune.methods.record import finalize
+
+    with jax.enable_x64(True):
+        _, sums = jax.jit(lambda v, b: method.loss_fn(lm, v, b, None, cfg, False))(variables, batch)
+        out = finalize(sums, method.denominator(batch))
+    return {k: float(v) for k, v in out.items()}
+
+
+def close_metrics(ours_m, theirs_m, names, rtol=1e-9, atol=1e-10):
+    """names: {jaxtune metric: TRL metric}; every one must be logged by both."""
+    for mine, theirs in names.items():
+        assert theirs in theirs_m, f"TRL logged no {theirs}"
+        np.testing.assert_allclose(ours_m[mine], theirs_m[theirs], rtol=rtol, atol=atol, err_msg=mine)
+
+
+PAIR_METRICS = {
+    "loss": "loss", "rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/rejected",
+    "margins": "rewards/margins", "accuracy": "rewards/accuracies", "logps/chosen": "logps/chosen",
+    "logps/rejected": "logps/rejected",
+}  # fmt: skip
+
+
+def preference_rows(seed, pairs=6):
+    rng = np.random.default_rng(seed)
+    return [(p, random_tokens(rng, 1, 6), random_tokens(rng, 1, 6)) for p in
+            (random_tokens(rng, 2, 5) for _ in range(pairs))]  # fmt: skip
+
+
+def jax_pairs(rows, bucket_multiple=8):
+    from jaxtune.data.batching import preference_batch
+
+    return preference_batch([(example(p, c), example(p, r)) for p, c, r in rows], bucket_multiple)
+
+
+@pytest.mark.parametrize(
+    "seed,loss_type,beta,eps",
+    [(0, "sigmoid", 0.1, 0.0), (1, "robust", 0.3, 0.2), (2, "hinge", 0.5, 0.0), (3, "ipo", 0.1, 0.0),
+     (4, "ipo", 0.5, 0.0)],
+)  # fmt: skip
+def test_dpo_metrics_match_trl_dpo_trainer(seed, loss_type, beta, eps):
+    """dpo.loss_fn's reported metrics against DPOTrainer._compute_loss's logged ones: rewards β × summed
+    log-ratios and summed logps for every loss type, IPO included (its loss alone uses per-token means)."""
+    policy, ref, pos = tables(seed)
+    rows = preference_rows(seed)
+    seqs = [p + c for p, c, _ in rows] + [p + r for p, _, r in rows]
+    masks = [
+        [0] * len(p) + [1] * len(x) for p, x in [(p, c) for p, c, _ in rows] + [(p, r) for p, _, r in rows]
+    ]
+    ids, attention, completion = right_pad(seqs, masks)
+    labels = ids.masked_fill(completion == 0, -100)
+    ref_sums = TorchTokenLM(ref, pos)(ids, labels=labels, fused_lm_head=True).log_probs.sum(1)
+    n = len(rows)
+    trainer = dpo_trainer(loss_type, beta, eps)
+    trainer.model = TorchTokenLM(policy, pos)
+    inputs = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion,
+              "ref_chosen_logps": ref_sums[:n], "ref_rejected_logps": ref_sums[n:]}  # fmt: skip
+    loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+    theirs = {k: v[-1] for k, v in trainer._metrics["train"].items()} | {"loss": float(loss)}
+
+    cfg = load_config({"stage": "dpo", "dpo": {"loss_type": loss_type, "beta": beta, "label_smoothing": eps}})
+    mine = ours(dpo.DPO, JaxTokenLM(pos), jax_variables(policy, ref), jax_pairs(rows), cfg)
+    close_metrics(mine, theirs, PAIR_METRICS)
+    assert 0.0 < theirs["rewards/accuracies"] < 1.0, "both outcomes among the pairs"
+    if loss_type == "ipo":  # the switch: IPO's rewards from the means its loss uses (jaxtune's old metrics)
+        cfg = load_config({"stage": "dpo", "dpo": {"loss_type": "ipo", "beta": beta, "ipo_rewards": "mean"}})
+        means = ours(dpo.DPO, JaxTokenLM(pos), jax_variables(policy, ref), jax_pairs(rows), cfg)
+        counts = completion.sum(1).double()
+        lp = trainer.model(ids, labels=labels, fused_lm_head=True).log_probs.sum(1).detach()
+        ratio = (lp - ref_sums) / counts
+        close(means["rewards/chosen"], beta * ratio[:n].mean())
+        close(means["logps/rejected"], (lp / counts)[n:].mean())
+        close(means["loss"], mine["loss"])
+
+
+def trl_pair_batch(rows):
+    """ORPO / CPO inputs as their tokenize_row makes them: labels are the response (prompt -100)."""
+    batch = {}
+    for side, k in (("chosen", 1), ("rejected", 2)):
+        ids, attention = right_pad([r[0] + r[k] for r in rows])
+        labels = ids.clone()
+        for i, r in enumerate(rows):
+            labels[i, : len(r[0])] = -100
+        labels[attention == 0] = -100
+        batch |= {f"{side}_input_ids": ids, f"{side}_attention_mask": attention, f"{side}_labels": labels}
+    return batch
+
+
+def bare_pairwise(cls, **attrs):
+    return bare(cls, is_encoder_decoder=False, padding_value=0, pad_token_id=0, **attrs)
+
+
+@pytest.mark.parametrize("seed,lam", [(0, 0.1), (1, 0.5)])
+def test_orpo_loss_and_metrics_match_trl_orpo_trainer(seed, lam):
+    """ORPOTrainer.get_batch_loss_metrics (TRL's whole ORPO loss): its NLL is the token mean over the chosen
+    rows' prompt and response (orpo_nll: sequence, the default); log probs are response means. TRL computes
+    the odds-ratio part in float32, hence the tolerance."""
+    policy, _, pos = tables(seed)
+    rows = preference_rows(seed)
+    trainer = bare_pairwise(ORPOTrainer, beta=lam)
+    loss, theirs = trainer.get_batch_loss_metrics(TorchTokenLM(policy, pos), trl_pair_batch(rows))
+    theirs["loss"] = float(loss)
+
+    cfg = load_config({"stage": "dpo", "dpo": {"loss_type": "orpo", "orpo_beta": lam, "orpo_alpha": 1.0}})
+    mine = ours(dpo.DPO, JaxTokenLM(pos), jax_variables(policy, policy), jax_pairs(rows), cfg)
+    names = PAIR_METRICS | {"nll": "nll_loss"} | {k: k for k in ("log_odds_ratio", "log_odds_chosen")}
+    close_metrics(mine, theirs, names, rtol=1e-6, atol=1e-7)
+
+    # the paper's variant (orpo_nll: response): the mean over pairs of each chosen response's mean token NLL
+    cfg = load_config({"stage": "dpo", "dpo": {"loss_type": "orpo", "orpo_beta": lam, "orpo_nll": "response"}})  # fmt: skip
+    paper = ours(dpo.DPO, JaxTokenLM(pos), jax_variables(policy, policy), jax_pairs(rows), cfg)
+    close(paper["nll"], -mine["logps/chosen"])
+    assert abs(paper["nll"] - mine["nll"]) > 1e-3, "the two NLL variants differ on these rows"
+    close(paper["loss"] - paper["nll"], mine["loss"] - mine["nll"])
+
+
+@pytest.mark.parametrize("seed,beta,gamma,eps", [(0, 2.0, 0.5, 0.0), (1, 2.5, 1.0, 0.1)])
+def test_simpo_loss_and_metrics_match_trl_cpo_trainer(seed, beta, gamma, eps):
+    """CPOTrainer.get_batch_loss_metrics with loss_type simpo and cpo_alpha 0 (TRL's SimPO: no NLL term)."""
+    policy, _, pos = tables(seed)
+    rows = preference_rows(seed)
+    trainer = bare_pairwise(CPOTrainer, loss_type="simpo", beta=beta, label_smoothing=eps, simpo_gamma=gamma,
+                            alpha=0.0, cpo_alpha=0.0)  # fmt: skip
+    loss, theirs = trainer.get_batch_loss_metrics(TorchTokenLM(policy, pos), trl_pair_batch(rows))
+    theirs["loss"] = float(loss)
+    dpo_cfg = {"loss_type": "simpo", "beta": beta, "simpo_gamma": gamma, "label_smoothing": eps}
+    mine = ours(dpo.DPO, JaxTokenLM(pos), jax_variables(policy, policy), jax_pairs(rows),
+                load_config({"stage": "dpo", "dpo": dpo_cfg}))  # fmt: skip
+    close_metrics(mine, theirs, PAIR_METRICS)
+
+
+@pytest.mark.parametrize(
+    "seed,beta,wd,wu,kl_positive",
+    [(0, 0.1, 1.0, 1.0, False), (1, 0.5, 1.0, 1.5, True), (2, 0.2, 1.33, 1.0, True)],
+)
+def test_kto_loss_and_metrics_match_trl_kto_trainer(seed, beta, wd, wu, kl_positive):
+    """kto.loss_fn (its own mismatched KL rows from a bucketed batch) against KTOTrainer._compute_loss given
+    TRL's KL rows (row i's prompt, row i-1's completion: its add_kl_completion_ids rotation) and the reference
+    log-probs of both. The reference is another table: z0 is positive for some seeds and clamped to 0 for
+    seed 0."""
+    policy, ref, pos = tables(seed)
+    rng = np.random.default_rng(seed + 10)
+    rows = [(random_tokens(rng, 2, 5), random_tokens(rng, 1, 6)) for _ in range(6)]
+    labels = [True, False, True, True, False, False]
+    kl_rows = [(rows[i][0], rows[i - 1][1]) for i in range(len(rows))]
+
+    def tokens(rs):
+        masks = [[0] * len(p) + [1] * len(c) for p, c in rs]
+        ids, attention, completion = right_pad([p + c for p, c in rs], masks)
+        return ids, attention, completion, ids.masked_fill(completion == 0, -100)
+
+    ids, attention, completion, lab = tokens(rows)
+    kl_ids, kl_attention, kl_completion, kl_lab = tokens(kl_rows)
+    ref_lm = TorchTokenLM(ref, pos)
+    trainer = bare(KTOTrainer, calculate_KL=True, precompute_ref_logps=True, loss_type="kto", beta=beta,
+                   desirable_weight=wd, undesirable_weight=wu, model=TorchTokenLM(policy, pos))  # fmt: skip
+    inputs = {
+        "input_ids": ids, "attention_mask": attention, "completion_mask": completion,
+        "KL_input_ids": kl_ids, "KL_attention_mask": kl_attention, "KL_completion_mask": kl_completion,
+        "label": torch.tensor(labels),
+        "ref_logps": ref_lm(ids, labels=lab, fused_lm_head=True).log_probs.sum(1),
+        "ref_KL_logps": ref_lm(kl_ids, labels=kl_lab, fused_lm_head=True).log_probs.sum(1),
+    }  # fmt: skip
+    loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+    theirs = {k: v[-1] for k, v in trainer._metrics["train"].items()} | {"loss": float(loss)}
+
+    from jaxtune.data.batching import kto_batch
+
+    batch = kto_batch([(example(p, c), lab) for (p, c), lab in zip(rows, labels)], bucket_multiple=8)
+    dpo_cfg = {"beta": beta, "desirable_weight": wd, "undesirable_weight": wu}
+    cfg = load_config({"stage": "kto", "dpo": dpo_cfg})
+    mine = ours(kto.KTO, JaxTokenLM(pos), jax_variables(policy, ref), batch, cfg)
+    names = {k: k for k in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")}  # fmt: skip
+    close_metrics(mine, theirs, names | {"margins": "rewards/margins"})
+    assert (theirs["kl"] > 0) == kl_positive
 
 
 # ------------------------------------------------------------------------------------------------ GRPO

@@ -27,7 +27,8 @@ import jax
 
 from jaxtune.models.model import Adapters, Model
 from jaxtune.peft import quant  # noqa: F401  (registers the NF4 / int8 dequantisers with the model)
-from jaxtune.peft.interop import load_adapter, merge_and_export, save_adapter
+from jaxtune.peft.adapter_load import load_adapter
+from jaxtune.peft.interop import merge_and_export, save_adapter
 from jaxtune.peft.names import PeftConfigError
 from jaxtune.peft.plan import BUILDERS as METHODS
 from jaxtune.peft.plan import Plan, merge_variables, prepare

@@ -10,7 +10,7 @@ spelling (`model.layers.3.self_attn.q_proj`), which differs only for GPT-2, whos
 
 Layers are stacked (`nn.scan`), so a selection must be the same in every layer: a per-layer choice is an error
 that says so, never a silent approximation. (Loading a PEFT adapter whose `rank_pattern` / `alpha_pattern`
-name single layers is exact all the same: interop.py pads the ranks and folds the scales.)
+name single layers is exact all the same: adapter_load.py pads the ranks and folds the scales.)
 """
 
 from __future__ import annotations

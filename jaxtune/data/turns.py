@@ -32,20 +32,25 @@ class Shape:
 
 def common_tokens(tokenizer, a: str, b: str) -> str:
     """The longest common prefix of `a` and `b` in whole tokens (so `<|endoftext|>` vs `<|user|>` share none)."""
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids_a, ids_b = ids(a), ids(b)
+    n = 0
+    while n < min(len(ids_a), len(ids_b)) and ids_a[n] == ids_b[n]:
+        n += 1
+    if n == 0:
+        return ""
     try:
-        ea = tokenizer(a, add_special_tokens=False, return_offsets_mapping=True)
-        eb = tokenizer(b, add_special_tokens=False)
-        n = 0
-        for x, y in zip(ea["input_ids"], eb["input_ids"]):
-            if x != y:
-                break
-            n += 1
-        return a[: ea["offset_mapping"][n - 1][1]] if n else ""
-    except (NotImplementedError, ValueError, TypeError, KeyError):
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        return a[:n]
+        return a[
+            : tokenizer(a, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][n - 1][1]
+        ]
+    except (NotImplementedError, ValueError, TypeError, KeyError):  # no offsets: the longest common
+        c = 0  # character prefix, cut back until it is exactly the common tokens
+        while c < min(len(a), len(b)) and a[c] == b[c]:
+            c += 1
+        for p in range(c, 0, -1):
+            if ids(a[:p]) == ids_a[:n]:
+                return a[:p]
+        return ""
 
 
 @functools.lru_cache(maxsize=64)

@@ -237,3 +237,24 @@ def test_template_kwargs_reach_the_template(bpe):
     assert "<think>" not in runs and runs.count("<|im_end|>") == 2
     with pytest.raises(DataError, match="template_kwargs may not set tokenize"):
         encode_examples(rec, tok, template_kwargs={"tokenize": True})
+
+
+@pytest.mark.parametrize("name", ["phi3", "mistral_v0_3", "qwen3"])
+def test_tokenizers_without_offsets_encode_the_same(bpe, name):
+    """Slow tokenizers have no offsets: the end marker is still cut at whole tokens (Phi-3's `<|end|>\\n`
+    then `<|endoftext|>` vs `<|user|>` share `<|` as characters, not as tokens)."""
+    from test_data_masks import NoOffsets
+
+    tok = family_tok(bpe, name)
+    slow = NoOffsets(tok)
+    slow.get_chat_template = tok.get_chat_template
+    for _, messages, tools in chat_cases.cases_for(FAMILIES[name]["supports"]):
+        rec, kw = record(messages, tools), FAMILIES[name]["render_kwargs"]
+        fast, plain = (
+            encode_examples(rec, tok, template_kwargs=kw),
+            encode_examples(rec, slow, template_kwargs=kw),
+        )
+        assert len(fast) == len(plain)
+        for a, b in zip(fast, plain):
+            np.testing.assert_array_equal(a.ids, b.ids)
+            np.testing.assert_array_equal(a.weights, b.weights)

@@ -1,10 +1,30 @@
-"""Suite-wide: a training run points the `jaxtune` logger at its run directory and stops it propagating (no
-duplicate lines under a configured root logger); undo that after each test so `caplog` sees jaxtune's records
-whatever ran before."""
+"""Suite-wide:
+- XLA's persistent compilation cache, shared by the test process and every run it starts in a subprocess: the
+  suite compiles the same tiny programs many times (each resume, export and CLI run is a fresh process), and
+  a cache hit is an exact copy of what the compiler returns, keyed by the program, jax version and devices.
+  `JAX_COMPILATION_CACHE_DIR` set beforehand picks the directory; `JAXTUNE_TEST_XLA_CACHE=0` turns it off.
+- a training run points the `jaxtune` logger at its run directory and stops it propagating (no duplicate lines
+  under a configured root logger); undo that after each test so `caplog` sees jaxtune's records whatever ran
+  before.
+"""
 
 import logging
+import os
+import tempfile
 
 import pytest
+
+if os.environ.get("JAXTUNE_TEST_XLA_CACHE", "1") != "0":
+    os.environ.setdefault(
+        "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxtune-test-xla-cache")
+    )
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    import jax  # after the environment: jax reads these flags once, when it is imported
+
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(autouse=True)

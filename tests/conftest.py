@@ -10,6 +10,7 @@
 
 import logging
 import os
+import sys
 import tempfile
 
 import pytest
@@ -20,11 +21,12 @@ if os.environ.get("JAXTUNE_TEST_XLA_CACHE", "1") != "0":
     )
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-    import jax  # after the environment: jax reads these flags once, when it is imported
+    if "jax" in sys.modules:  # jax reads these once, when imported; not importing it here keeps
+        import jax  # tests/parallel's conftest free to give a parallel-only session 8 devices
 
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(autouse=True)

@@ -45,6 +45,7 @@ import json
 import re
 
 from jaxtune.data.errors import DataError
+from jaxtune.data.records import TRAINED_ROLES as TRAINED
 from jaxtune.data.templates import THINK, Rendered
 from jaxtune.data.turns import Turn, as_rendered, locate, shape, turn
 
@@ -52,7 +53,6 @@ _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _READS_REASONING = re.compile(r"""\.(reasoning_content|reasoning|thinking)\b|\[\s*['"](reasoning_content|reasoning|thinking)['"]\s*\]""")  # fmt: skip
 _READS_IDS = re.compile(r"""tool_call_id|tool_call\.id\b|\[\s*['"]id['"]\s*\]""")
 _ALNUM = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-TRAINED = ("assistant", "function_call")
 HISTORY_POLICIES = ("split", "final", "as_rendered")
 # apply_chat_template's own parameters: a template variable of these names cannot be passed through.
 RESERVED_KWARGS = frozenset(
@@ -108,7 +108,13 @@ def chat_for(tokenizer, source: str | None, kwargs: dict | None) -> Chat:
             field="template_kwargs",
             reason="bad template kwargs",
         )
-    return Chat(tokenizer, source, json.dumps(kwargs, sort_keys=True, default=str))
+    return _chat(tokenizer, source, json.dumps(kwargs, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=64)
+def _chat(tokenizer, source: str | None, kwargs_json: str) -> Chat:
+    """One `Chat` per template, so its source lookup and regex probes run once, not once per record."""
+    return Chat(tokenizer, source, kwargs_json)
 
 
 def _call_id(i: int, k: int, call) -> str:

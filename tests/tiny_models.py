@@ -10,6 +10,7 @@ import numpy as np
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+PHI = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # Phi3Config's defaults (32000) exceed VOCAB
 
 # family name -> HF config kwargs (each a real architecture switch of that family)
 FAMILIES = {
@@ -41,6 +42,25 @@ FAMILIES = {
     ),
     "qwen3": dict(model_type="qwen3", num_key_value_heads=2, head_dim=32, **COMMON),
     "gemma": dict(model_type="gemma", num_key_value_heads=1, head_dim=16, **COMMON),
+    # Phi-3 / Phi-4: fused qkv_proj / gate_up_proj, GQA, partial rotary (Phi-4-mini: 0.75), sliding window
+    "phi3": dict(model_type="phi3", num_key_value_heads=2, partial_rotary_factor=0.5, sliding_window=5, **PHI, **COMMON),
+    # Phi-3.5-mini / Phi-4-mini 128k: longrope (short/long factors per rotary dim pair); original length 8, so
+    # the 12-token padded batches take the long factors and the packed test's 7- and 5-token documents the short
+    "phi3_longrope": dict(
+        model_type="phi3",
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        partial_rotary_factor=0.75,
+        max_position_embeddings=64,
+        original_max_position_embeddings=8,
+        rope_scaling={
+            "rope_type": "longrope",
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+        },
+        **PHI,
+        **COMMON,
+    ),
     "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64),
 }
 

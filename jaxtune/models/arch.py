@@ -1,8 +1,9 @@
 """`ArchConfig`: the sizes and switches of a decoder-only transformer, the only config layers ever see.
 
-One decoder serves every supported family (Llama 1-3.2, Mistral, Qwen2/2.5, Qwen3, Gemma, GPT-2); what differs
-between them is expressed here as switches (norm type, activation, biases, q/k norm, positions, RoPE scaling,
-tied head, sliding windows). `families.py` maps a Hugging Face `config.json` onto these fields.
+One decoder serves every supported family (Llama 1-3.2, Mistral, Qwen2/2.5, Qwen3, Gemma, Phi-3/Phi-4, GPT-2);
+what differs between them is expressed here as switches (norm type, activation, biases, q/k norm, positions,
+RoPE scaling, partial rotary, fused projections, tied head, sliding windows). `families.py` maps a Hugging Face
+`config.json` onto these fields.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class ArchConfig:
     tie_word_embeddings: bool = False
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
     layer_windows: tuple[int, ...] = ()  # per-layer sliding window (0 = full attention); () = all full
+    # --- Phi-3 / Phi-4 (phi3): HF's fused projections stay fused (PEFT targets each as one module) ---
+    fused_qkv: bool = False  # self_attn.qkv_proj = [q | k | v] along the output axis, split in the layer
+    fused_gate_up: bool = False  # mlp.gate_up_proj = [gate | up] along the output axis
     # --- runtime switches (not from HF) ---
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"

@@ -128,7 +128,7 @@ class Decoder(nn.Module):
         attn = attention.inputs(a, segment_ids, cache_mask)
         cos = sin = None
         if a.positions == "rope":
-            cos, sin = rope_tables(a, positions, a.compute_dtype)  # [B, T, H]
+            cos, sin = rope_tables(a, positions, a.compute_dtype, segment_ids)  # [B, T, H]
         windows = jnp.asarray(a.layer_windows or (0,) * a.num_layers, jnp.int32)  # [L]
         if a.scan_layers:
             split = a.peft.layer_split or a.num_layers

@@ -1,13 +1,15 @@
 """Hugging Face `model_type` -> `ArchConfig`, and each family's tensor-name map.
 
-Supported: llama (1, 2, 3, 3.1, 3.2), mistral, qwen2 (2.5), qwen3, gemma, gpt2. Our parameter paths mirror HF
-module names, so for the Llama-like families the map is the identity up to the `model.` prefix and the
-[out, in] -> [in, out] transpose of Linear weights. GPT-2 is the exception: its `Conv1D` stores weights
-[in, out] already, and `c_attn` fuses q, k and v along the output axis.
+Supported: llama (1, 2, 3, 3.1, 3.2), mistral, qwen2 (2.5), qwen3, gemma, phi3 (Phi-3, Phi-3.5, Phi-4,
+Phi-4-mini), gpt2. Our parameter paths mirror HF module names, so for the Llama-like families the map is the
+identity up to the `model.` prefix and the [out, in] -> [in, out] transpose of Linear weights; phi3's fused
+`qkv_proj` / `gate_up_proj` stay fused (one kernel each, split in the layer). GPT-2 is the exception: its
+`Conv1D` stores weights [in, out] already, and `c_attn` fuses q, k and v along the output axis (split on load).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from jaxtune.errors import JaxtuneError
@@ -72,11 +74,46 @@ def _rope(cfg: dict) -> tuple[float, tuple]:
     return float(theta), tuple(sorted((k, v) for k, v in params.items() if not isinstance(v, (list, dict))))
 
 
+def _phi3_rope(cfg: dict, head_dim: int) -> tuple[float, tuple]:
+    """phi3's RoPE as transformers' Phi3Config reads it: `rope_scaling` (else `rope_parameters`), with top-level
+    rope_theta / partial_rotary_factor as defaults, `su` / `yarn` renamed `longrope`, and the top-level
+    original_max_position_embeddings (default 4096) overriding the dict's (`standardize_rope_params`)."""
+    params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
+    partial = float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    if not 0.0 < partial <= 1.0:
+        raise UnsupportedModelError(f"partial_rotary_factor={partial} must be in (0, 1]")
+    kind = params.get("rope_type", params.get("type", "default"))
+    kind = "longrope" if kind in ("su", "yarn") else kind
+    out = {"rope_type": kind, "partial_rotary_factor": partial}
+    if kind == "longrope":
+        dim = int(head_dim * partial)
+        for name in ("short_factor", "long_factor"):
+            factors = params.get(name)
+            if not isinstance(factors, (list, tuple)) or len(factors) != dim // 2:
+                raise UnsupportedModelError(
+                    f"rope_scaling.{name} must be a list of rotary_dim / 2 = {dim // 2} numbers, got {factors!r}"
+                )
+            out[name] = tuple(float(x) for x in factors)
+        original = int(cfg.get("original_max_position_embeddings") or 4096)
+        factor = params.get("factor")
+        factor = cfg.get("max_position_embeddings", 4096) / original if factor is None else float(factor)
+        attention = params.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        out.update(original_max_position_embeddings=original, attention_factor=float(attention))
+    elif kind != "default":
+        raise UnsupportedModelError(
+            f"rope_scaling.rope_type {kind!r} is not supported for phi3 (supported: default, longrope, su, yarn)"
+        )
+    return float(theta), tuple(sorted(out.items()))
+
+
 def _windows(cfg: dict, n_layers: int, model_type: str) -> tuple[int, ...]:
     window = cfg.get("sliding_window")
     if not window:
         return ()
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):  # every layer
         return (int(window),) * n_layers
     # Qwen2/Qwen3: only the layers that `layer_types` (or use_sliding_window + max_window_layers) mark.
     types = cfg.get("layer_types")
@@ -123,8 +160,9 @@ def arch_from_hf(cfg: dict, **runtime) -> ArchConfig:
             f"model_type {mt!r} is not supported; jaxtune supports: {', '.join(sorted(SUPPORTED))}"
         )
     heads = cfg["num_attention_heads"]
-    attn_bias = bool(cfg.get("attention_bias", False))
-    theta, rope = _rope(cfg)
+    attn_bias = bool(cfg.get("attention_bias", False)) and mt != "phi3"  # Phi3 Linears never have biases
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    theta, rope = _phi3_rope(cfg, head_dim) if mt == "phi3" else _rope(cfg)
     return ArchConfig(
         model_type=mt,
         vocab_size=cfg["vocab_size"],
@@ -133,17 +171,19 @@ def arch_from_hf(cfg: dict, **runtime) -> ArchConfig:
         num_layers=cfg["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        head_dim=head_dim,
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096 if mt == "phi3" else 2048),
+        norm_eps=cfg.get("rms_norm_eps", 1e-5 if mt == "phi3" else 1e-6),
         norm_plus_one=mt == "gemma",
         activation=_activation(cfg, "hidden_activation", "hidden_act")
         if mt == "gemma"
         else _activation(cfg, "hidden_act"),
         qkv_bias=True if mt == "qwen2" else attn_bias,  # Qwen2 always has q/k/v biases, never an o bias
         o_bias=False if mt == "qwen2" else attn_bias,
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)) and mt != "phi3",
         qk_norm=mt == "qwen3",
+        fused_qkv=mt == "phi3",
+        fused_gate_up=mt == "phi3",
         rope_theta=theta,
         rope_scaling=rope,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", mt == "gemma")),
@@ -153,7 +193,7 @@ def arch_from_hf(cfg: dict, **runtime) -> ArchConfig:
     )
 
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
 
 
@@ -172,6 +212,11 @@ def tensor_maps(arch: ArchConfig) -> list[TensorMap]:
         ("mlp", "up_proj", arch.mlp_bias),
         ("mlp", "down_proj", arch.mlp_bias),
     ]
+    if arch.fused_qkv:  # phi3: HF's fused tensors load straight into the fused kernels
+        projs[:3] = [("self_attn", "qkv_proj", arch.qkv_bias)]
+    if arch.fused_gate_up:
+        projs = [p for p in projs if p[1] not in ("gate_proj", "up_proj")]
+        projs.insert(-1, ("mlp", "gate_up_proj", arch.mlp_bias))
     for parent, name, bias in projs:
         maps.append(
             TensorMap(("layers", parent, name, "kernel"), f"{L}{parent}.{name}.weight", transpose=True)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.errors import RunError
-from jaxtune.models import adapters_hook, attention, kv_cache
+from jaxtune.models import adapters_hook, attention, kv_cache, longrope
 from jaxtune.models.arch import ArchConfig
 
 INIT_STD = 0.02
@@ -54,9 +54,9 @@ class Norm(nn.Module):
 
 
 def rope_inv_freq(arch: ArchConfig) -> jax.Array:
-    """Inverse frequencies [head_dim // 2], with HF's `rope_type` scalings (default, linear, llama3)."""
+    """Inverse frequencies [rotary_dim // 2], with HF's `rope_type` scalings (default, linear, llama3)."""
     rope = arch.rope
-    dim = arch.head_dim
+    dim = longrope.rotary_dim(arch)  # head_dim unless partial_rotary_factor < 1 (phi3)
     inv_freq = 1.0 / (arch.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
@@ -77,15 +77,20 @@ def rope_inv_freq(arch: ArchConfig) -> jax.Array:
     raise RunError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
-def rope_tables(arch: ArchConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos/sin [B, T, head_dim] for integer positions [B, T] (fp32 math, cast like HF)."""
+def rope_tables(arch: ArchConfig, positions: jax.Array, dtype, segment_ids=None) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, rotary_dim] for integer positions [B, T] (fp32 math, cast like HF)."""
+    if arch.rope.get("rope_type") == "longrope":  # phi3: factors chosen by the batch's length (longrope.py)
+        return longrope.tables(arch, positions, dtype, segment_ids)
     freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(arch)  # [B, T, hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, hd]: HF's rotate-half layout
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, N, H]; cos/sin [B, T, H]."""
+    """x [B, T, N, H]; cos/sin [B, T, R]: the first R <= H dims rotate, the rest pass through (HF)."""
+    if cos.shape[-1] < x.shape[-1]:  # partial_rotary_factor < 1 (phi3)
+        rot = cos.shape[-1]
+        return jnp.concatenate([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], axis=-1)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
@@ -140,6 +145,10 @@ class MLP(nn.Module):
         a = self.arch
         act = ACTIVATIONS[a.activation]
         kw = dict(use_bias=a.mlp_bias, arch=a, deterministic=self.deterministic)
+        if a.fused_gate_up:  # phi3: one [gate | up] projection, as HF's (and PEFT's) gate_up_proj
+            gate_up = Proj(2 * a.intermediate_size, ("embed", "mlp"), name="gate_up_proj", **kw)(x)
+            gate, up = jnp.split(gate_up, 2, axis=-1)  # [B, T, F] each
+            return Proj(a.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(act(gate) * up)
         up = Proj(a.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)  # [B, T, F]
         if a.gated_mlp:
             gate = Proj(a.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
@@ -161,9 +170,14 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         n, k, hd = a.num_heads, a.num_kv_heads, a.head_dim
         kw = dict(use_bias=a.qkv_bias, arch=a, deterministic=self.deterministic)
-        q = Proj(n * hd, ("embed", "heads"), name="q_proj", **kw)(x).reshape(b, t, n, hd)  # [B, T, N, H]
-        key = Proj(k * hd, ("embed", "kv_heads"), name="k_proj", **kw)(x).reshape(b, t, k, hd)  # [B, T, K, H]
-        val = Proj(k * hd, ("embed", "kv_heads"), name="v_proj", **kw)(x).reshape(b, t, k, hd)  # [B, T, K, H]
+        if a.fused_qkv:  # phi3: one [q | k | v] projection, as HF's (and PEFT's) qkv_proj
+            qkv = Proj((n + 2 * k) * hd, ("embed", "heads"), name="qkv_proj", **kw)(x)
+            q, key, val = jnp.split(qkv, [n * hd, (n + k) * hd], axis=-1)
+            q, key, val = q.reshape(b, t, n, hd), key.reshape(b, t, k, hd), val.reshape(b, t, k, hd)
+        else:
+            q = Proj(n * hd, ("embed", "heads"), name="q_proj", **kw)(x).reshape(b, t, n, hd)  # [B, T, N, H]
+            key = Proj(k * hd, ("embed", "kv_heads"), name="k_proj", **kw)(x).reshape(b, t, k, hd)  # [B, T, K, H]
+            val = Proj(k * hd, ("embed", "kv_heads"), name="v_proj", **kw)(x).reshape(b, t, k, hd)  # [B, T, K, H]
         if a.qk_norm:
             q = Norm(a, axis_name="head_dim", name="q_norm")(q)
             key = Norm(a, axis_name="head_dim", name="k_norm")(key)

@@ -6,7 +6,10 @@ head) and resolves `rank_pattern` / `alpha_pattern` with `get_pattern_key` (`(.*
 rules to the same names, so a PEFT config means the same thing here. Names are also matched in jaxtune's own
 spelling (`model.layers.3.self_attn.q_proj`), which differs only for GPT-2, whose HF modules are fused
 (`attn.c_attn` = q|k|v along the output axis, `attn.c_proj` = o_proj, `mlp.c_fc` = up_proj,
-`mlp.c_proj` = down_proj); there `c_attn` selects all three of q/k/v.
+`mlp.c_proj` = down_proj); there `c_attn` selects all three of q/k/v. Phi-3 / Phi-4 (`phi3`) have fused
+modules of their own, `self_attn.qkv_proj` and `mlp.gate_up_proj`, and so do we (one kernel each): a LoRA on
+them is one LoRA (one A shared by q, k and v), as PEFT's; a config naming `q_proj`, `gate_proj`, ... on such a
+model is an error pointing to the fused name, never a silently smaller selection.
 
 Layers are stacked (`nn.scan`), so a selection must be the same in every layer: a per-layer choice is an error
 that says so, never a silent approximation. (Loading a PEFT adapter whose `rank_pattern` / `alpha_pattern`
@@ -59,10 +62,16 @@ def modules(arch: ArchConfig) -> list[Module]:
     d, f = arch.hidden_size, arch.intermediate_size
     q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     projs = [("self_attn", "q_proj", d, q), ("self_attn", "k_proj", d, kv), ("self_attn", "v_proj", d, kv)]
+    if arch.fused_qkv:  # phi3
+        projs = [("self_attn", "qkv_proj", d, q + 2 * kv)]
     projs.append(("self_attn", "o_proj", q, d))
-    if arch.gated_mlp:
-        projs.append(("mlp", "gate_proj", d, f))
-    projs += [("mlp", "up_proj", d, f), ("mlp", "down_proj", f, d)]
+    if arch.fused_gate_up:  # phi3
+        projs.append(("mlp", "gate_up_proj", d, 2 * f))
+    elif arch.gated_mlp:
+        projs += [("mlp", "gate_proj", d, f), ("mlp", "up_proj", d, f)]
+    else:
+        projs.append(("mlp", "up_proj", d, f))
+    projs.append(("mlp", "down_proj", f, d))
     ours = {name: f"model.layers.{{i}}.{parent}.{name}" for parent, name, _, _ in projs}
     out = []
     if arch.model_type == "gpt2":
@@ -117,6 +126,39 @@ def layer_uniform(arch: ArchConfig, module: Module, fn, what: str):
     return values[0]
 
 
+# phi3: the modules HF fuses -> the fused module that holds them
+FUSED = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+
+
+def check_unfused(arch: ArchConfig, target, what: str) -> None:
+    """On a model with fused qkv_proj / gate_up_proj, naming one of their parts (q_proj, ..., up_proj) is an
+    error pointing to the fused module: PEFT would silently skip it, and a smaller selection than asked is the
+    worst outcome. A regex is checked the same way: it may not match a part's name without the fused one's."""
+    if target == ALL_LINEAR or (not isinstance(target, str) and ALL_LINEAR in target):
+        return
+    present = {"qkv_proj": arch.fused_qkv, "gate_up_proj": arch.fused_gate_up}
+    for part, fused in FUSED.items():
+        if not present[fused]:
+            continue
+        parent = "self_attn" if fused == "qkv_proj" else "mlp"
+        name, fused_name = f"model.layers.0.{parent}.{part}", f"model.layers.0.{parent}.{fused}"
+        named = matches(target, name) if isinstance(target, str) else any(
+            t == part or name.endswith(f".{t}") for t in target
+        )
+        if named and not (isinstance(target, str) and matches(target, fused_name)):
+            raise PeftConfigError(
+                f"{what}={target!r} names {part!r}, which this {arch.model_type} model does not have: its "
+                f"{parent}.{fused} fuses {', '.join(p for p, f in FUSED.items() if f == fused)} into one module "
+                f"(as in transformers and PEFT); target {fused!r} instead (or 'all-linear')"
+            )
+
+
 def select(arch: ArchConfig, target, what: str = "target_modules", linear_only: bool = False) -> list[Module]:
     """The modules a PEFT-style `target_modules` selects (the same in every layer, or an error)."""
     if target is None or (not isinstance(target, str) and len(target) == 0):
@@ -125,6 +167,7 @@ def select(arch: ArchConfig, target, what: str = "target_modules", linear_only: 
         re.compile(target)
     elif not isinstance(target, str):
         target = [str(t) for t in target]
+    check_unfused(arch, target, what)
     chosen = []
     for m in modules(arch):
         if target == ALL_LINEAR or (not isinstance(target, str) and ALL_LINEAR in target):

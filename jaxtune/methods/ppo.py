@@ -166,7 +166,7 @@ def _value_lora(cfg, model, split: int):
     targets = (
         m.target_modules
         if (m.name in lora_methods or set(m.combine) & set(lora_methods))
-        else ("q_proj", "v_proj")
+        else ("qkv_proj",) if model.arch.fused_qkv else ("q_proj", "v_proj")  # phi3: q, k, v are one module
     )
     vcfg = {"method": "lora", "rank": m.rank, "alpha": m.alpha, "target_modules": targets, "rslora": m.rslora}
     vplan = peft.prepare(model, vcfg, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 11))

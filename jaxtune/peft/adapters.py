@@ -59,6 +59,12 @@ def ia3_targets(cfg: MethodConfig, arch) -> tuple[list, list]:
     default = MethodConfig().target_modules
     if tuple(cfg.target_modules) != tuple(default) and cfg.target_modules != default:
         return cfg.target_modules, IA3_FEEDFORWARD.get(arch.model_type, IA3_FEEDFORWARD_DEFAULT)
+    if arch.fused_qkv:  # phi3: PEFT has no (IA)^3 default for it (k and v are fused with q) and raises
+        raise PeftConfigError(
+            f"(IA)^3 has no default target_modules for {arch.model_type} (PEFT has none either: k_proj and "
+            "v_proj are fused into qkv_proj with q_proj); set target_modules, e.g. [qkv_proj, down_proj] "
+            "(down_proj's input is scaled as PEFT's feedforward_modules default)"
+        )
     return IA3_TARGETS.get(arch.model_type, IA3_DEFAULT), IA3_FEEDFORWARD.get(
         arch.model_type, IA3_FEEDFORWARD_DEFAULT
     )

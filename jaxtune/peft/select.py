@@ -61,6 +61,7 @@ def freeze_split(ctx: Context) -> tuple[int, str]:
 def build_freeze(ctx: Context) -> Part:
     split, stack = freeze_split(ctx)
     modules = ctx.cfg.freeze_trainable_modules
+    names.check_unfused(ctx.model.arch, [m for m in modules if m != "all"], "freeze_trainable_modules")
     patterns = [
         re.compile(rf"(^|/){re.escape(m).replace(chr(92) + '.', '/')}(/|$)") for m in modules if m != "all"
     ]

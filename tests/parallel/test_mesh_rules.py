@@ -263,6 +263,8 @@ KERNEL_AXES = {
     "gate_proj": ("embed", "mlp"),
     "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
+    "qkv_proj": ("embed", "heads"),  # phi3's fused [q | k | v]: split over tensor as one dim (GSPMD reshards)
+    "gate_up_proj": ("embed", "mlp"),  # phi3's fused [gate | up]
     "lm_head": ("embed", "vocab"),
     "embed_tokens": ("vocab", "embed"),
     "embed_positions": ("length", "embed"),
@@ -311,6 +313,9 @@ def abstract_plan(family: str, plan: str):
         params = jax.eval_shape(lambda: init_params(arch, 0))
         model = Model(arch=arch, params=params, tokenizer=None, hf_config=hf_config)
         method, quantization = {**PLANS, **SNAPSHOT_PLAN}[plan]
+        if arch.fused_qkv and method["name"] in ("lora", "qlora"):  # phi3: q/k/v are one module, qkv_proj
+            targets = method.get("target_modules", ["q_proj", "v_proj"])
+            method = {**method, "target_modules": "all-linear" if targets == "all-linear" else ["qkv_proj", "down_proj"]}
         made = {}
 
         def build(params):
@@ -386,7 +391,7 @@ def one_trace_per_arch(monkeypatch):
 _abstract_variables: dict = {}
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "phi3", "phi3_longrope", "gpt2"])
 def test_every_leaf_of_the_real_trees_is_sharded_by_the_rules(eight_devices, one_trace_per_arch, family):
     """For every plan of `PLANS` on every mesh of `MESHES`: each leaf's spec is the hand table applied to the
     axes its path implies; every sharded dim is divisible by its mesh axes; every base kernel, embedding and
@@ -398,7 +403,7 @@ def test_every_leaf_of_the_real_trees_is_sharded_by_the_rules(eight_devices, one
     from jaxtune.train.sharding import LARGE_REPLICATED, run_shardings
     from jaxtune.treepath import path_keys
 
-    assert set(FAMILIES) == {"llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gpt2"}, (
+    assert set(FAMILIES) == {"llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "phi3", "phi3_longrope", "gpt2"}, (
         "add the new family"
     )
     seen_collections = set()

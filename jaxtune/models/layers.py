@@ -1,4 +1,5 @@
-"""Building blocks of the decoder: norms, RoPE (default / linear / llama3), attention, MLPs, and `Proj`.
+"""Building blocks of the decoder: norms, RoPE (default / linear / llama3; partial and longrope: longrope.py),
+attention, MLPs, and `Proj`.
 
 Every parameter is created with logical axis names (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`, `head_dim`)
 so `parallel/rules.py` can shard it; `nn.scan` in `decoder.py` prepends `layers`. Numerics follow Hugging Face
@@ -171,6 +172,8 @@ class Attention(nn.Module):
         n, k, hd = a.num_heads, a.num_kv_heads, a.head_dim
         kw = dict(use_bias=a.qkv_bias, arch=a, deterministic=self.deterministic)
         if a.fused_qkv:  # phi3: one [q | k | v] projection, as HF's (and PEFT's) qkv_proj
+            # its output dim is split over `tensor` as one "heads" dim, so the q / k / v slices do not fall on
+            # shard boundaries: GSPMD reshards them (correct for any layout; HF's TP plan gathers it too)
             qkv = Proj((n + 2 * k) * hd, ("embed", "heads"), name="qkv_proj", **kw)(x)
             q, key, val = jnp.split(qkv, [n * hd, (n + k) * hd], axis=-1)
             q, key, val = q.reshape(b, t, n, hd), key.reshape(b, t, k, hd), val.reshape(b, t, k, hd)

@@ -403,9 +403,9 @@ def test_every_leaf_of_the_real_trees_is_sharded_by_the_rules(eight_devices, one
     from jaxtune.train.sharding import LARGE_REPLICATED, run_shardings
     from jaxtune.treepath import path_keys
 
-    assert set(FAMILIES) == {"llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "phi3", "phi3_longrope", "gpt2"}, (
-        "add the new family"
-    )
+    assert set(FAMILIES) == {
+        "llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "phi3", "phi3_longrope", "gpt2"
+    }, "add the new family"  # fmt: skip
     seen_collections = set()
     for mesh_shape, plan_name in itertools.product(MESHES, PLANS):
         mesh = make_mesh(*mesh_shape)

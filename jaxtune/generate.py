@@ -19,6 +19,7 @@ token for token (tests/generate). Stop strings are applied to the decoded text, 
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import jax
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.errors import RunError
-from jaxtune.models import kv_cache
+from jaxtune.models import kv_cache, longrope
 from jaxtune.models.decoder import Decoder, segment_positions
 
 SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p")
@@ -167,7 +168,11 @@ def generate(arch, variables, prompts: list[list[int]], max_new_tokens: int = 64
 
     Prompts are left-padded to a multiple of `pad_multiple`: each new width compiles the decoder once more."""
     ids, mask = left_pad(prompts, multiple=pad_multiple)
-    fn = sample if use_cache else sample_recompute
+    longest = max((len(p) for p in prompts), default=0)
+    note = longrope.cache_crossing(arch, longest, longest + int(max_new_tokens)) if use_cache else None
+    if note:  # phi3 128k: the cache would keep short-factor keys where transformers recomputes them
+        logging.getLogger(__name__).warning(note)
+    fn = sample if use_cache and not note else sample_recompute
     out, keep = fn(arch, variables, ids, mask, jax.random.PRNGKey(seed), stop_array(stop_ids),
                    max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
                    top_p=float(top_p))  # fmt: skip

@@ -16,10 +16,11 @@ whole batch. We do the same, traced (one `jnp.where`, no recompilation): the max
 (segment id != 0) of their positions. Positions restart in every packed document, so a packed row picks
 what its longest document alone would when that document decides the batch's max — exactly HF's result for
 the same `position_ids` (HF's padded-batch positions, cumsum(mask) - 1, put pads at a real token's position).
-A decode step sees the new tokens' positions, i.e. the total length so far: like HF's rotary module per step,
-but HF's `generate` also drops its KV cache once, when the length first crosses original_max_position_embeddings,
-and recomputes the prompt with the long factors; our cache keeps the prompt's short-factor keys (documented
-deviation, only for generations that cross that length).
+A decode step sees the new tokens' positions, i.e. the total length so far, like HF's rotary module per step.
+HF's `generate` also drops its KV cache once, when the length first crosses original_max_position_embeddings,
+and recomputes everything with the long factors; cached keys of ours would keep the short factors, so
+`generate.generate` decodes such a generation without the cache (`cache_crossing`; exact, slower). RL rollouts
+(`methods/rollout.py`, cached `sample`) do not: their keys keep the short factors past that length.
 """
 
 from __future__ import annotations
@@ -54,3 +55,20 @@ def tables(arch: ArchConfig, positions: jax.Array, dtype, segment_ids=None) -> t
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     scale = float(rope["attention_factor"])
     return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
+
+
+def cache_crossing(arch: ArchConfig, prompt_len: int, total_len: int) -> str | None:
+    """Why a KV-cached generation of a longrope model cannot match transformers' `generate`, or None: the
+    longest prompt (short factors) is at most original_max_position_embeddings long and the generation passes
+    that length, where HF drops its cache and recomputes the whole sequence with the long factors."""
+    rope = arch.rope
+    if rope.get("rope_type") != "longrope":
+        return None
+    limit = rope["original_max_position_embeddings"]
+    if prompt_len <= limit < total_len:
+        return (
+            f"longrope: generation crosses original_max_position_embeddings={limit} (prompt {prompt_len} -> "
+            f"{total_len} tokens), where the RoPE factors switch from short to long for every position, as "
+            "transformers does: decoding without the KV cache (each step recomputes the sequence)"
+        )
+    return None

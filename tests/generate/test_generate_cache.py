@@ -97,16 +97,19 @@ def test_sliding_window_equals_recompute(tmp_path):
 
 
 def test_phi3_longrope_greedy_equals_transformers(tmp_path):
-    """Phi-3 128k style: fused qkv_proj, partial rotary, longrope (long factors: the 13-token prompt is longer
-    than original_max_position_embeddings=8, so HF's generate never switches factors mid-way)."""
+    """Phi-3 128k style: fused qkv_proj, partial rotary, longrope. Prompts of 3, 8, 13 tokens: the 13 is longer
+    than original_max_position_embeddings=8, so the long factors hold throughout (KV cache); two prompts of 3
+    tokens: the generation crosses 8, where HF recomputes with the long factors, and so do we (no cache: on
+    this batch the cached short-factor keys would change the greedy tokens)."""
     hf = save_hf("phi3_longrope", tmp_path)
     model = jaxtune.load_model(tmp_path)
-    cached = generate(model.arch, {"params": model.params}, prompts(), max_new_tokens=NEW)
-    ids, mask = left_pad(prompts(), multiple=1)
-    with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                          max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
-    assert cached == out[:, ids.shape[1] :].tolist()
+    for batch in (prompts(), [p[:3] for p in prompts()[:2]]):
+        ours = generate(model.arch, {"params": model.params}, batch, max_new_tokens=NEW)
+        ids, mask = left_pad(batch, multiple=1)
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                              max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
+        assert ours == out[:, ids.shape[1] :].tolist()
 
 
 def test_sampling_with_the_same_seed_equals_recompute(tiny_llama):

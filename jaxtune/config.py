@@ -139,6 +139,9 @@ class MethodConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: str | tuple[str, ...] = ("q_proj", "v_proj")  # PEFT semantics; "all-linear" allowed
+    # PEFT `target_parameters`: parameters adapted directly, e.g. MoE experts [mlp.experts.gate_up_proj,
+    # mlp.experts.down_proj] (also reachable through target_modules: experts.gate_up_proj, or all-linear)
+    target_parameters: tuple[str, ...] = ()
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
     dora: bool = False  # weight-decomposed LoRA
     pissa: bool = False  # init from the principal singular vectors
@@ -168,7 +171,11 @@ class MethodConfig:
         positive(self, "encoder_hidden_size")
         fraction(self, "dropout", closed=False)
         check(self.freeze_trainable_layers != 0, "freeze_trainable_layers", "must not be 0 (use > 0 or < 0)")
-        check(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+        check(
+            len(self.target_modules) > 0 or len(self.target_parameters) > 0,
+            "target_modules",
+            "must name at least one module (or set target_parameters)",
+        )
         regexes(self, "trainable_patterns", "frozen_patterns", "rank_pattern", "alpha_pattern")
 
 

@@ -99,7 +99,9 @@ def expert_project(module, name: str, x, group_sizes, kernel):
     """One grouped expert matmul (models/moe.py): rows of `x` [N, in] sorted by expert, `group_sizes` [E] rows per
     expert, `kernel` [E, in, out] -> [N, out], via `jax.lax.ragged_dot` (each row meets only its own expert's
     matrix). Plus per-expert LoRA when the `lora` collection of `module` holds `name`:
-    {lora_a [E, in, r], lora_b [E, r, out]} -> + s * (x A_e) B_e, the same grouped matmul twice at rank r."""
+    {lora_a [E, in, r], lora_b [E, r, out]} -> + s * (x A_e) B_e, the same grouped matmul twice at rank r. Its
+    scale is `PeftSpec.lora_scale["experts.<name>"]`, apart from any ordinary Proj called `name` (Phi-3's
+    `mlp.gate_up_proj`); callers pass the bare parameter name."""
     dtype = module.arch.compute_dtype
     x = x.astype(dtype)
     y = jax.lax.ragged_dot(x, kernel.astype(dtype), group_sizes)  # [N, out]
@@ -107,7 +109,7 @@ def expert_project(module, name: str, x, group_sizes, kernel):
         p = module.variables["lora"][name]
         after_a = jax.lax.ragged_dot(x, p["lora_a"].astype(dtype), group_sizes)  # [N, r]
         delta = jax.lax.ragged_dot(after_a, p["lora_b"].astype(dtype), group_sizes)  # [N, out]
-        y = y + delta * module.arch.peft.scale_for(name)
+        y = y + delta * module.arch.peft.scale_for(f"experts.{name}")
     return y
 
 

@@ -21,9 +21,11 @@ from flax import traverse_util
 from jaxtune.models.arch import PeftSpec
 from jaxtune.models.model import Adapters, Model
 from jaxtune.models.safetensors_io import SafetensorsReader
+from jaxtune.peft import experts as experts_lib
 from jaxtune.peft import names
 from jaxtune.peft.adapter_config import (
     LORA_UNSUPPORTED,
+    check_target_parameters,
     check_targets,
     check_unsupported,
     lora_setting,
@@ -242,9 +244,12 @@ def _load_lora(model: Model, config: dict, tensors: _Tensors, d: Path) -> Adapte
     check_unsupported(config, d, LORA_UNSUPPORTED)
     st = lora_settings(config, file)
     check_targets(config, arch, file)
+    check_target_parameters(config, arch, file)
     rslora, dora = bool(config.get("use_rslora")), bool(config.get("use_dora"))
     lora, scales = {}, {}
     for group in hf_groups(arch).values():
+        if group[0].kind == "experts":
+            continue  # below: the expert parameters' keys depend on which of them are targeted
         out_features = sum(m.out_features for m in group)
         factors = _lora_factors(group[0], out_features, arch, tensors, st, rslora, dora)
         if factors is None:
@@ -259,7 +264,12 @@ def _load_lora(model: Model, config: dict, tensors: _Tensors, d: Path) -> Adapte
             lora = names.set_path(
                 lora, m.path, jax.tree.map(lambda x: jax.numpy.asarray(x, arch.weight_dtype), leaf)
             )
-            scales[m.name] = scale
+            scales[m.scale_key] = scale
+    setting = lambda pattern, default, hf: lora_setting(st, pattern, default, hf)  # noqa: E731
+    leaves, expert_scales = experts_lib.load(arch, config, tensors, PREFIX, setting, rslora)
+    for path, leaf in leaves.items():
+        lora = names.set_path(lora, path, leaf)
+    scales.update(expert_scales)
     if not lora:
         raise PeftConfigError(
             f"{tensors.file}: no LoRA tensor matches a module of this {arch.model_type} model"

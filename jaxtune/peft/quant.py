@@ -116,8 +116,9 @@ def check(fmt: str, block_size: int) -> None:
 
 
 def quantized_modules(arch) -> list[names.Module]:
-    """The kernels QLoRA stores quantised: every linear layer in the blocks (bitsandbytes keeps lm_head)."""
-    return [m for m in names.modules(arch) if m.per_layer]
+    """The kernels QLoRA stores quantised: every linear layer in the blocks (bitsandbytes keeps lm_head, and an MoE
+    model's router and expert parameters, which are not nn.Linear in transformers 5: see experts.log_unquantized)."""
+    return [m for m in names.modules(arch) if m.per_layer and m.kind == "linear"]
 
 
 def quantize_params(params: dict, arch, fmt: str, block_size: int = 64, double_quant: bool = False):

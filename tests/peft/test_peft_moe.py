@@ -98,3 +98,79 @@ def test_selection_on_moe_models():
     with pytest.raises(PeftConfigError, match="DoRA"):
         experts.check_lora(MethodConfig(), chosen, dora=True)
     experts.check_lora(MethodConfig(dropout=0.1), names.select(MIXTRAL, ["q_proj"]), dora=False)
+
+
+# ------------------------------------------------------------------------------- with the real models
+
+IDS = np.random.RandomState(0).randint(1, 128, (2, 9))
+ATOL = 1e-4
+ALL = {"method": "lora", "rank": 4, "alpha": 8, "target_modules": "all-linear", "rank_pattern": {"down_proj": 2}}
+
+
+def _randomise(tree, seed):
+    import jax
+
+    rng = np.random.RandomState(seed)
+    move = lambda p, x: x + 0.1 * rng.normal(0, 1, x.shape).astype(np.float32) if p[-1].key == "lora_b" else x  # noqa: E731
+    return jax.tree_util.tree_map_with_path(move, tree)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_jaxtune_moe_adapter_loads_in_peft_and_merges(family, hf_dir, tmp_path):
+    import json
+
+    from peft import PeftModel
+    from peft_helpers import logits
+    from tiny_models import hf_logits
+    from transformers import AutoModelForCausalLM
+
+    import jaxtune
+    from jaxtune import peft as jpeft
+
+    hf, directory = hf_dir(family)
+    model = jaxtune.load_model(directory)
+    np.testing.assert_allclose(logits(model, IDS), hf_logits(hf, IDS), atol=ATOL, rtol=0)  # the base agrees
+    plan = jpeft.prepare(model, ALL, 0)
+    assert "gate" not in plan.trainable["lora"]["layers"]["mlp"]  # the router stays frozen
+    adapters = plan.adapters(_randomise(plan.trainable, seed=1))
+    ours = logits(model, IDS, adapters)
+    assert np.abs(ours - logits(model, IDS)).max() > 1e-2
+    jpeft.save_adapter(model, adapters, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert config["rank_pattern"] == {"mlp.experts.down_proj": 2} | (
+        {"mlp.shared_expert.down_proj": 2} if family == "qwen2_moe" else {}
+    )
+    theirs = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "adapter").eval()
+    np.testing.assert_allclose(ours, hf_logits(theirs, IDS), atol=ATOL, rtol=0)
+    jpeft.merge_and_export(model, adapters, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    np.testing.assert_allclose(ours, hf_logits(merged, IDS), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_peft_moe_adapter_loads_in_jaxtune(family, hf_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from peft_helpers import logits
+    from tiny_models import hf_logits
+
+    import jaxtune
+    from jaxtune import peft as jpeft
+
+    hf, directory = hf_dir(family)
+    lc = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], rank_pattern={"gate_up_proj": 2},
+                    target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])  # fmt: skip
+    torch.manual_seed(2)
+    theirs = get_peft_model(copy.deepcopy(hf), lc).eval()
+    with torch.no_grad():
+        for _, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path / "peft")
+    model = jaxtune.load_model(directory)
+    adapters = jpeft.load_adapter(model, tmp_path / "peft")
+    lora = adapters.variables["lora"]["layers"]["mlp"]["experts"]
+    assert lora["gate_up_proj"]["lora_a"].shape == (2, E, model.arch.hidden_size, 2)
+    ours = logits(model, IDS, adapters)
+    assert np.abs(ours - logits(model, IDS)).max() > 1e-2
+    np.testing.assert_allclose(ours, hf_logits(theirs, IDS), atol=ATOL, rtol=0)

@@ -70,7 +70,6 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("norm", None),  # norm scales and biases: tiny, replicated
     ("adapter", None),  # bottleneck adapter hidden size (Houlsby / Pfeiffer)
     ("virtual_tokens", None),  # prompt / prefix tuning tokens
-    ("expert", None),  # the expert axis of stacked MoE weights (expert parallelism maps it to a mesh axis)
 )
 LOGICAL_AXES = tuple(name for name, _ in RULES)
 

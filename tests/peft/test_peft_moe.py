@@ -105,6 +105,9 @@ def test_selection_on_moe_models():
 IDS = np.random.RandomState(0).randint(1, 128, (2, 9))
 ATOL = 1e-4
 ALL = {"method": "lora", "rank": 4, "alpha": 8, "target_modules": "all-linear", "rank_pattern": {"down_proj": 2}}
+# the router when named, experts through PEFT's own spelling
+ROUTER = {"method": "lora", "rank": 4, "alpha": 8, "target_modules": ["gate", "q_proj"],
+          "target_parameters": ["mlp.experts.down_proj"]}  # fmt: skip
 
 
 def _randomise(tree, seed):
@@ -115,8 +118,8 @@ def _randomise(tree, seed):
     return jax.tree_util.tree_map_with_path(move, tree)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_jaxtune_moe_adapter_loads_in_peft_and_merges(family, hf_dir, tmp_path):
+@pytest.mark.parametrize("family, cfg", [("mixtral", ALL), ("qwen2_moe", ALL), ("qwen3_moe", ROUTER)])
+def test_jaxtune_moe_adapter_loads_in_peft_and_merges(family, cfg, hf_dir, tmp_path):
     import json
 
     from peft import PeftModel
@@ -130,17 +133,20 @@ def test_jaxtune_moe_adapter_loads_in_peft_and_merges(family, hf_dir, tmp_path):
     hf, directory = hf_dir(family)
     model = jaxtune.load_model(directory)
     np.testing.assert_allclose(logits(model, IDS), hf_logits(hf, IDS), atol=ATOL, rtol=0)  # the base agrees
-    plan = jpeft.prepare(model, ALL, 0)
-    assert "gate" not in plan.trainable["lora"]["layers"]["mlp"]  # the router stays frozen
+    plan = jpeft.prepare(model, cfg, 0)
+    assert ("gate" in plan.trainable["lora"]["layers"]["mlp"]) == (cfg is ROUTER)  # the router: only when named
     adapters = plan.adapters(_randomise(plan.trainable, seed=1))
     ours = logits(model, IDS, adapters)
     assert np.abs(ours - logits(model, IDS)).max() > 1e-2
     jpeft.save_adapter(model, adapters, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    assert config["rank_pattern"] == {"mlp.experts.down_proj": 2} | (
-        {"mlp.shared_expert.down_proj": 2} if family == "qwen2_moe" else {}
-    )
+    if cfg is ALL:
+        assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        assert config["rank_pattern"] == {"mlp.experts.down_proj": 2} | (
+            {"mlp.shared_expert.down_proj": 2} if family == "qwen2_moe" else {}
+        )
+    else:  # the router is a parameter of a custom module for PEFT
+        assert config["target_parameters"] == ["mlp.gate.weight", "mlp.experts.down_proj"]
     theirs = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "adapter").eval()
     np.testing.assert_allclose(ours, hf_logits(theirs, IDS), atol=ATOL, rtol=0)
     jpeft.merge_and_export(model, adapters, tmp_path / "merged")
@@ -148,8 +154,10 @@ def test_jaxtune_moe_adapter_loads_in_peft_and_merges(family, hf_dir, tmp_path):
     np.testing.assert_allclose(ours, hf_logits(merged, IDS), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_peft_moe_adapter_loads_in_jaxtune(family, hf_dir, tmp_path):
+@pytest.mark.parametrize("family, peft_all_linear", [("mixtral", False), ("qwen2_moe", False), ("qwen3_moe", True)])
+def test_peft_moe_adapter_loads_in_jaxtune(family, peft_all_linear, hf_dir, tmp_path):
+    """PEFT's own all-linear on Qwen3-MoE (and Mixtral) also adapts the router (`gate.weight`) and gives
+    gate_up_proj rank 2r (its transformers-4 compatibility mapping of gate_proj + up_proj)."""
     from peft import LoraConfig, get_peft_model
     from peft_helpers import logits
     from tiny_models import hf_logits
@@ -160,6 +168,8 @@ def test_peft_moe_adapter_loads_in_jaxtune(family, hf_dir, tmp_path):
     hf, directory = hf_dir(family)
     lc = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], rank_pattern={"gate_up_proj": 2},
                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])  # fmt: skip
+    if peft_all_linear:
+        lc = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
     torch.manual_seed(2)
     theirs = get_peft_model(copy.deepcopy(hf), lc).eval()
     with torch.no_grad():
@@ -170,7 +180,32 @@ def test_peft_moe_adapter_loads_in_jaxtune(family, hf_dir, tmp_path):
     model = jaxtune.load_model(directory)
     adapters = jpeft.load_adapter(model, tmp_path / "peft")
     lora = adapters.variables["lora"]["layers"]["mlp"]["experts"]
-    assert lora["gate_up_proj"]["lora_a"].shape == (2, E, model.arch.hidden_size, 2)
+    assert lora["gate_up_proj"]["lora_a"].shape == (2, E, model.arch.hidden_size, 8 if peft_all_linear else 2)
+    assert ("gate" in adapters.variables["lora"]["layers"]["mlp"]) == peft_all_linear
     ours = logits(model, IDS, adapters)
     assert np.abs(ours - logits(model, IDS)).max() > 1e-2
     np.testing.assert_allclose(ours, hf_logits(theirs, IDS), atol=ATOL, rtol=0)
+
+
+def test_training_reaches_the_experts_not_the_router():
+    import jax
+    from peft_helpers import as_numpy, make_step, train_batch
+    from tiny_models import FAMILIES
+
+    import jaxtune
+    from jaxtune import peft as jpeft
+
+    model = jaxtune.from_hf_config(FAMILIES["mixtral"], rng=0)
+    plan = jpeft.prepare(model, {"method": "lora", "rank": 2, "target_modules": ["experts.gate_up_proj",
+                                                                                  "experts.down_proj"]}, 0)  # fmt: skip
+    assert set(plan.trainable["lora"]["layers"]["mlp"]) == {"experts"}
+    assert "kernel" in plan.frozen["params"]["layers"]["mlp"]["gate"]  # the router: frozen, never differentiated
+    _, step, st = make_step(plan, train_batch())
+    before = as_numpy(plan.trainable)
+    losses = []
+    for _ in range(3):
+        st, metrics = step(st, plan.frozen, train_batch())
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), st.trainable, before)
+    assert all(jax.tree.leaves(changed)), changed

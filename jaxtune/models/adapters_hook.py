@@ -11,6 +11,7 @@ per-layer ones carry the leading `layers` axis of `nn.scan`):
   lora    {<proj>: {lora_a [in, r], lora_b [r, out], magnitude [out] (DoRA)}}   in any `Proj`
           {embed_tokens: {lora_a [V, r], lora_b [r, D]}}                       at the decoder root
           {lm_head: {lora_a [D, r], lora_b [r, V]}}          at the root too when the head is tied
+          {gate_up_proj|down_proj: {lora_a [E, in, r], lora_b [E, r, out]}}   in an MoE `experts` module
   ia3     {<proj>: {scale_out [out]} | {scale_in [in]}}                          (IA)^3, in any `Proj`
   bitfit  {<proj>: {bias [out]}}                     BitFit biases added to projections that have none
   adapter {attn_adapter|mlp_adapter: {down: {kernel, bias}, up: {kernel, bias}}}  Houlsby / Pfeiffer

@@ -8,7 +8,9 @@ with `adapter_config`. Per method (key names as `get_peft_model_state_dict` writ
 e.g. `model.layers.0.self_attn.q_proj`, prefixed by `base_model.model.`):
 
   LORA            {m}.lora_A.weight [r, in] = our lora_aᵀ, {m}.lora_B.weight [out, r] = our lora_bᵀ,
-                  {m}.lora_magnitude_vector [out] (DoRA); embeddings {m}.lora_embedding_A [r, V] / _B [D, r]
+                  {m}.lora_magnitude_vector [out] (DoRA); embeddings {m}.lora_embedding_A [r, V] / _B [D, r];
+                  MoE (`target_parameters`, peft/experts.py): the router {m}.lora_A/B as a linear layer's, the
+                  experts model.layers.{i}.mlp.experts[.base_layer].lora_A.weight [r*E, in] / lora_B [out, r*E]
   IA3             {m}.ia3_l: [out, 1] (scaled output) or [1, in] (feed-forward input)
   PROMPT_TUNING   prompt_embeddings [P, D] (P-tuning exports its folded tokens here too: PEFT's P_TUNING
                   saves exactly this and uses it unchanged at inference)

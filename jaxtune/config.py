@@ -61,6 +61,10 @@ class ModelConfig:
     quantization: Literal["none", "nf4", "int8"] = "none"  # of the frozen base weights
     double_quant: bool = False  # quantise the NF4 block scales too
     quant_block_size: int = 64
+    # mixture of experts (Mixtral, Qwen2/3-MoE): weight of the load-balancing loss (None: the checkpoint's
+    # router_aux_loss_coef, as transformers trains with output_router_logits) and of the router z-loss
+    moe_aux_loss_coef: float | None = None
+    moe_z_loss_coef: float = 0.0
 
     def __post_init__(self):
         check(

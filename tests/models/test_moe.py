@@ -2,11 +2,14 @@
 transformers, and the tiny MoE training under SFT, DPO and GRPO with the router losses in the objective."""
 
 import json
+import shutil
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from tiny_models import build_hf, padded_batch
 
 import jaxtune
@@ -92,6 +95,38 @@ def test_router_losses_match_transformers_on_a_padded_batch(tmp_path):
         want = np.mean(np.square(lse[:, real]))
         np.testing.assert_allclose(float(losses["z_loss"]), want, rtol=1e-5, err_msg=family)
         assert float(losses["aux_loss"]) >= 1.0 - 1e-6  # E * sum f_e p_e >= 1 with equality iff balanced
+        # the fused transformers-5 runtime layout (mlp.experts.gate_up_proj [E, 2F, D], ...) loads the same
+        from safetensors.torch import save_file
+
+        fused = tmp_path / f"{family}_fused"
+        fused.mkdir()
+        shutil.copy(tmp_path / family / "config.json", fused / "config.json")
+        state = hf.state_dict()
+        assert "model.layers.0.mlp.experts.gate_up_proj" in state
+        save_file({k: v.contiguous() for k, v in state.items()}, str(fused / "model.safetensors"))
+        chex.assert_trees_all_equal(jaxtune.load_model(fused, **runtime).params, model.params)
+
+
+def test_estimate_counts_every_expert_and_the_active_ones_and_dense_layers_are_refused():
+    from jaxtune.config import load_config
+    from jaxtune.estimate import estimate
+    from jaxtune.models.families import UnsupportedModelError, arch_from_hf
+
+    shape = {**MOE, "vocab_size": 128}
+    cfg = load_config({"model": {"random_init": shape}, "method": {"name": "full"}, "training": {"batch_size": 2},
+                       "data": {"cutoff_len": 16}, "parallel": {"data": 1}})  # fmt: skip
+    out = estimate(cfg, compile=False)
+    model = jaxtune.from_hf_config(shape)
+    assert out["base_params"] == sum(x.size for x in jax.tree.leaves(model.params)) == model.arch.num_params()
+    layers, experts, k, d, f = 2, 4, 2, 64, 32
+    assert out["active_params"] == out["base_params"] - layers * (experts - k) * 3 * d * f
+    assert out["experts"] == "2 of 4"
+    from transformers import AutoConfig
+
+    for bad in ({"mlp_only_layers": [1]}, {"decoder_sparse_step": 2}):
+        hf_cfg = AutoConfig.for_model("qwen3_moe", num_hidden_layers=2, **bad).to_dict()
+        with pytest.raises(UnsupportedModelError, match="mlp_only_layers"):
+            arch_from_hf(hf_cfg)
 
 
 MOE = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,

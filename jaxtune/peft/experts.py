@@ -53,6 +53,18 @@ def check_lora(cfg, chosen: list[names.Module], dora: bool) -> None:
         raise PeftConfigError(f"{what} does not support PiSSA initialisation; set method.pissa: false")
 
 
+def note_all_linear(cfg, arch, chosen: list[names.Module]) -> None:
+    """One log line where jaxtune's all-linear differs from PEFT's on an MoE model (module docstring of names)."""
+    all_linear = cfg.target_modules == names.ALL_LINEAR or names.ALL_LINEAR in cfg.target_modules
+    if arch.num_experts and all_linear and not any(m.kind == "router" for m in chosen):
+        log.info(
+            "target_modules=all-linear on %s: attention, shared-expert and expert weights get LoRA, the router "
+            "mlp.gate stays frozen (name 'gate' to adapt it; PEFT's own all-linear on Mixtral / Qwen3-MoE also "
+            "adapts the router and gives experts.gate_up_proj rank 2r)",
+            arch.model_type,
+        )
+
+
 def init_leaf(key, m: names.Module, arch, r: int, dtype) -> dict:
     """PEFT's init per expert: A ~ kaiming-uniform(a=√5) on [r*E, in] = U(±1/√in), B = 0; [L, E, ...] stacked."""
     lead = (arch.num_layers, arch.num_experts)
@@ -154,7 +166,10 @@ def load(arch, config: dict, tensors, prefix: str, setting, rslora: bool) -> tup
         scale = max(s_l, key=abs)
         rank = max(a.shape[-1] for a in a_l)
         a_l = [np.pad(a, ((0, 0), (0, 0), (0, rank - a.shape[-1]))) for a in a_l]
-        b_l = [np.pad(b * (s / scale), ((0, 0), (0, rank - b.shape[1]), (0, 0))) for b, s in zip(b_l, s_l)]
+        b_l = [
+            np.pad(b * (s / scale if s != scale else 1.0), ((0, 0), (0, rank - b.shape[1]), (0, 0)))
+            for b, s in zip(b_l, s_l)
+        ]
         leaf = {"lora_a": np.stack(a_l), "lora_b": np.stack(b_l)}
         leaves[m.path] = jax.tree.map(lambda x: jnp.asarray(x, arch.weight_dtype), leaf)
         scales[m.scale_key] = scale

@@ -74,6 +74,7 @@ def build(ctx: Context) -> Part:
     dora = cfg.dora or cfg.name == "dora"
     chosen = selected(cfg, arch)
     experts_lib.check_lora(cfg, chosen, dora)
+    experts_lib.note_all_linear(cfg, arch, chosen)
     rs = ranks_and_scales(ctx, chosen)
     params, tree, lr = ctx.params, {}, {}
     dtype = arch.weight_dtype

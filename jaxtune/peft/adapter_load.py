@@ -208,8 +208,8 @@ def _lora_factors(
     a_t, b_t, scales = [], [], []
     for j, i in enumerate(layer_indices(m, arch)):
         hf = m.hf.format(i=i)
-        r, r_from = lora_setting(st, "rank_pattern", "r", hf)
-        alpha, _ = lora_setting(st, "alpha_pattern", "lora_alpha", hf)
+        r, r_from = lora_setting(st, "rank_pattern", "r", m.pattern_names(i)[0])
+        alpha, _ = lora_setting(st, "alpha_pattern", "lora_alpha", m.pattern_names(i)[0])
         want = {
             a_name: (r, m.in_features),
             b_name: (out_features, r),

@@ -103,8 +103,9 @@ def _lora_tensors(model: Model, lora: dict, spec: PeftSpec) -> tuple[list[Lazy],
         rank = sum(leaf["lora_a"].shape[-1] for _, leaf in leaves if leaf is not None)
         m0 = group[0]
         short = short_name(m0)
-        ranks[short] = rank
-        alphas[short] = scale * (math.sqrt(rank) if spec.lora_rslora else rank)
+        key = f"{short}.weight" if m0.kind == "router" else short  # what PEFT matches rank_pattern keys to
+        ranks[key] = rank
+        alphas[key] = scale * (math.sqrt(rank) if spec.lora_rslora else rank)
         if m0.kind in names.ROUTED:  # PEFT reaches these only as parameters (lora.ParamWrapper)
             params.append(m0.param_names[0].split("{i}.", 1)[1])
             if m0.kind == "experts":

@@ -42,7 +42,9 @@ def ranks_and_scales(ctx: Context, chosen: list[names.Module]) -> dict[str, tupl
     out = {}
     for m in chosen:
 
-        def lookup(pattern, default, hf, ours):
+        def lookup(pattern, default, hf, ours, router=m.kind == "router"):
+            if router:  # PEFT matches a ParamWrapper's patterns to its parameter's name
+                hf, ours = f"{hf}.weight", f"{ours}.weight"
             key = names.pattern_key(pattern, hf) or names.pattern_key(pattern, ours)
             return default if key is None else pattern[key]
 

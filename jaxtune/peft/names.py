@@ -69,6 +69,13 @@ class Module:
         collide with an ordinary Proj named alike, e.g. Phi-3's `mlp.gate_up_proj`)."""
         return f"experts.{self.name}" if self.kind == "experts" else self.name
 
+    def pattern_names(self, i: int | None) -> tuple[str, str]:
+        """The names rank_pattern / alpha_pattern keys match: PEFT's `current_key`, the module name, or for a
+        ParamWrapper the parameter's (the router: `model.layers.0.mlp.gate.weight`)."""
+        if self.kind == "router":
+            return f"{self.hf.format(i=i)}.weight", f"{self.ours.format(i=i)}.weight"
+        return self.names(i)
+
     @property
     def param_names(self) -> tuple[str, str]:
         """The HF parameter PEFT's `target_parameters` matches (`...mlp.experts.gate_up_proj`, `...q_proj.weight`),

@@ -105,9 +105,9 @@ def test_selection_on_moe_models():
 IDS = np.random.RandomState(0).randint(1, 128, (2, 9))
 ATOL = 1e-4
 ALL = {"method": "lora", "rank": 4, "alpha": 8, "target_modules": "all-linear", "rank_pattern": {"down_proj": 2}}
-# the router when named, experts through PEFT's own spelling
+# the router when named (PEFT matches its patterns to the parameter name), experts through PEFT's own spelling
 ROUTER = {"method": "lora", "rank": 4, "alpha": 8, "target_modules": ["gate", "q_proj"],
-          "target_parameters": ["mlp.experts.down_proj"]}  # fmt: skip
+          "target_parameters": ["mlp.experts.down_proj"], "rank_pattern": {"gate.weight": 2}}  # fmt: skip
 
 
 def _randomise(tree, seed):
@@ -147,6 +147,7 @@ def test_jaxtune_moe_adapter_loads_in_peft_and_merges(family, cfg, hf_dir, tmp_p
         )
     else:  # the router is a parameter of a custom module for PEFT
         assert config["target_parameters"] == ["mlp.gate.weight", "mlp.experts.down_proj"]
+        assert config["rank_pattern"] == {"mlp.gate.weight": 2}
     theirs = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "adapter").eval()
     np.testing.assert_allclose(ours, hf_logits(theirs, IDS), atol=ATOL, rtol=0)
     jpeft.merge_and_export(model, adapters, tmp_path / "merged")
@@ -169,7 +170,7 @@ def test_peft_moe_adapter_loads_in_jaxtune(family, peft_all_linear, hf_dir, tmp_
     lc = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], rank_pattern={"gate_up_proj": 2},
                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])  # fmt: skip
     if peft_all_linear:
-        lc = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+        lc = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", alpha_pattern={"gate.weight": 3})
     torch.manual_seed(2)
     theirs = get_peft_model(copy.deepcopy(hf), lc).eval()
     with torch.no_grad():

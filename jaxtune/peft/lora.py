@@ -130,6 +130,10 @@ def selected(cfg, arch) -> list[names.Module]:
     """target_modules' modules and target_parameters' (PEFT: both may be given), in `names.modules` order."""
     chosen = names.select(arch, cfg.target_modules) if len(cfg.target_modules) else []
     chosen += names.select_parameters(arch, cfg.target_parameters) if cfg.target_parameters else []
+    if not chosen:
+        raise PeftConfigError(
+            "LoRA selects nothing: set target_modules (e.g. all-linear) or target_parameters"
+        )
     return [m for m in names.modules(arch) if m in chosen]
 
 

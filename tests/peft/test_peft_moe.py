@@ -59,7 +59,7 @@ def test_layout_matches_peft_delta_weight_and_keys(tmp_path):
         a, b = experts.from_peft(big_a, big_b, E)
         assert a.shape[::2] == (E, R) and b.shape[:2] == (E, R)
         ours = wrapper.scaling["default"] * np.einsum("eir,ero->eio", a, b)  # [E, in, out]
-        theirs = wrapper.get_delta_weight("default").detach().numpy()  # [E, out, in] (the HF parameter's layout)
+        theirs = wrapper.get_delta_weight("default").detach().numpy()  # [E, out, in]: the HF parameter's
         np.testing.assert_allclose(ours.transpose(0, 2, 1), theirs, atol=1e-6, rtol=0)
         back = experts.to_peft(a, b)
         np.testing.assert_array_equal(back[0], big_a)
@@ -81,7 +81,8 @@ def test_selection_on_moe_models():
     assert "mlp.gate" not in qwen and {"mlp.shared_expert.down_proj", "mlp.shared_expert_gate"} <= set(qwen)
     assert _short(names.select(MIXTRAL, ["gate"])) == ["mlp.gate"]  # the router, only when named
     assert _short(names.select(MIXTRAL, ["experts.gate_up_proj"])) == ["mlp.experts.gate_up_proj"]
-    assert _short(names.select(QWEN2_MOE, ["down_proj"])) == ["mlp.experts.down_proj", "mlp.shared_expert.down_proj"]
+    both = ["mlp.experts.down_proj", "mlp.shared_expert.down_proj"]
+    assert _short(names.select(QWEN2_MOE, ["down_proj"])) == both
     got = names.select_parameters(MIXTRAL, ["mlp.experts.down_proj", "mlp.gate.weight"])
     assert _short(got) == ["mlp.experts.down_proj", "mlp.gate"]
     assert names.select(MIXTRAL, ["gate_up_proj"])[0].scale_key == "experts.gate_up_proj"
@@ -104,7 +105,8 @@ def test_selection_on_moe_models():
 
 IDS = np.random.RandomState(0).randint(1, 128, (2, 9))
 ATOL = 1e-4
-ALL = {"method": "lora", "rank": 4, "alpha": 8, "target_modules": "all-linear", "rank_pattern": {"down_proj": 2}}
+ALL = {"method": "lora", "rank": 4, "alpha": 8, "target_modules": "all-linear",
+       "rank_pattern": {"down_proj": 2}}  # fmt: skip
 # the router when named (PEFT matches its patterns to the parameter name), experts through PEFT's own spelling
 ROUTER = {"method": "lora", "rank": 4, "alpha": 8, "target_modules": ["gate", "q_proj"],
           "target_parameters": ["mlp.experts.down_proj"], "rank_pattern": {"gate.weight": 2}}  # fmt: skip
@@ -118,7 +120,10 @@ def _randomise(tree, seed):
     return jax.tree_util.tree_map_with_path(move, tree)
 
 
-@pytest.mark.parametrize("family, cfg", [("mixtral", ALL), ("qwen2_moe", ALL), ("qwen3_moe", ROUTER)])
+TO_PEFT = [("mixtral", ALL), ("qwen2_moe", {**ALL, "rslora": True}), ("qwen3_moe", ROUTER)]
+
+
+@pytest.mark.parametrize("family, cfg", TO_PEFT)
 def test_jaxtune_moe_adapter_loads_in_peft_and_merges(family, cfg, hf_dir, tmp_path):
     import json
 
@@ -134,13 +139,14 @@ def test_jaxtune_moe_adapter_loads_in_peft_and_merges(family, cfg, hf_dir, tmp_p
     model = jaxtune.load_model(directory)
     np.testing.assert_allclose(logits(model, IDS), hf_logits(hf, IDS), atol=ATOL, rtol=0)  # the base agrees
     plan = jpeft.prepare(model, cfg, 0)
-    assert ("gate" in plan.trainable["lora"]["layers"]["mlp"]) == (cfg is ROUTER)  # the router: only when named
+    # the router: only when named
+    assert ("gate" in plan.trainable["lora"]["layers"]["mlp"]) == (cfg is ROUTER)
     adapters = plan.adapters(_randomise(plan.trainable, seed=1))
     ours = logits(model, IDS, adapters)
     assert np.abs(ours - logits(model, IDS)).max() > 1e-2
     jpeft.save_adapter(model, adapters, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    if cfg is ALL:
+    if cfg is not ROUTER:
         assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
         assert config["rank_pattern"] == {"mlp.experts.down_proj": 2} | (
             {"mlp.shared_expert.down_proj": 2} if family == "qwen2_moe" else {}
@@ -155,7 +161,10 @@ def test_jaxtune_moe_adapter_loads_in_peft_and_merges(family, cfg, hf_dir, tmp_p
     np.testing.assert_allclose(ours, hf_logits(merged, IDS), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family, peft_all_linear", [("mixtral", False), ("qwen2_moe", False), ("qwen3_moe", True)])
+FROM_PEFT = [("mixtral", False), ("qwen2_moe", False), ("qwen3_moe", True)]
+
+
+@pytest.mark.parametrize("family, peft_all_linear", FROM_PEFT)
 def test_peft_moe_adapter_loads_in_jaxtune(family, peft_all_linear, hf_dir, tmp_path):
     """PEFT's own all-linear on Qwen3-MoE (and Mixtral) also adapts the router (`gate.weight`) and gives
     gate_up_proj rank 2r (its transformers-4 compatibility mapping of gate_proj + up_proj)."""
@@ -200,7 +209,8 @@ def test_training_reaches_the_experts_not_the_router():
     plan = jpeft.prepare(model, {"method": "lora", "rank": 2, "target_modules": ["experts.gate_up_proj",
                                                                                   "experts.down_proj"]}, 0)  # fmt: skip
     assert set(plan.trainable["lora"]["layers"]["mlp"]) == {"experts"}
-    assert "kernel" in plan.frozen["params"]["layers"]["mlp"]["gate"]  # the router: frozen, never differentiated
+    # the router: frozen, never differentiated
+    assert "kernel" in plan.frozen["params"]["layers"]["mlp"]["gate"]
     _, step, st = make_step(plan, train_batch())
     before = as_numpy(plan.trainable)
     losses = []

@@ -99,6 +99,8 @@ class ArchConfig:
             raise RunError(
                 f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers"
             )
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise RunError(f"experts_per_token={self.experts_per_token} must be in 1..num_experts={self.num_experts}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise RunError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from jaxtune.models.arch import PeftSpec
-from jaxtune.peft import names
+from jaxtune.peft import experts_v4, names
 from jaxtune.peft.interop import CONFIG, layer_indices
 from jaxtune.peft.names import PeftConfigError
 
@@ -171,6 +171,7 @@ def check_targets(config: dict, arch, file: Path) -> None:
     elif names.ALL_LINEAR in target:
         return
     known = [n for m in names.modules(arch) for i in layer_indices(m, arch) for n in m.names(i)]
+    known += experts_v4.v4_module_names(arch)  # a transformers-4 MoE adapter's expert / router modules
     if not any(names.matches(target, n) for n in known):
         shorts = sorted({m.hf.split(".")[-1] for m in names.modules(arch)})
         raise PeftConfigError(

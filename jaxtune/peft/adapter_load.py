@@ -11,6 +11,7 @@ setting, shape or stray tensor is a `PeftConfigError` naming the key or tensor a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from jaxtune.models.arch import PeftSpec
 from jaxtune.models.model import Adapters, Model
 from jaxtune.models.safetensors_io import SafetensorsReader
 from jaxtune.peft import experts as experts_lib
-from jaxtune.peft import names
+from jaxtune.peft import experts_v4, names
 from jaxtune.peft.adapter_config import (
     LORA_UNSUPPORTED,
     check_target_parameters,
@@ -250,6 +251,11 @@ def _load_lora(model: Model, config: dict, tensors: _Tensors, d: Path) -> Adapte
     for group in hf_groups(arch).values():
         if group[0].kind == "experts":
             continue  # below: the expert parameters' keys depend on which of them are targeted
+        v4 = experts_v4.router_name(arch) if group[0].kind == "router" else None
+        if (
+            v4 and f"{PREFIX}{v4.format(i=0)}.lora_A.weight" in tensors.arrays
+        ):  # Mixtral's transformers-4 router
+            group = [dataclasses.replace(group[0], hf=v4)]
         out_features = sum(m.out_features for m in group)
         factors = _lora_factors(group[0], out_features, arch, tensors, st, rslora, dora)
         if factors is None:
@@ -270,6 +276,13 @@ def _load_lora(model: Model, config: dict, tensors: _Tensors, d: Path) -> Adapte
     for path, leaf in leaves.items():
         lora = names.set_path(lora, path, leaf)
     scales.update(expert_scales)
+    for path, (leaf, scale) in experts_v4.load(arch, config, tensors, PREFIX, rslora).items():
+        if names.has_path(lora, path):
+            raise PeftConfigError(
+                f"{tensors.file}: both transformers-4 and -5 LoRA tensors for {'/'.join(path)}"
+            )
+        lora = names.set_path(lora, path, leaf)
+        scales[f"experts.{path[-1]}"] = scale
     if not lora:
         raise PeftConfigError(
             f"{tensors.file}: no LoRA tensor matches a module of this {arch.model_type} model"

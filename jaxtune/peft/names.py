@@ -270,6 +270,14 @@ def select_parameters(arch: ArchConfig, target, what: str = "target_parameters")
     return [m for m in modules(arch) if m in chosen]  # in the fixed order
 
 
+def has_path(tree: dict, path: tuple[str, ...]) -> bool:
+    try:
+        get_path(tree, path)
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
 def get_path(tree: dict, path: tuple[str, ...]):
     for k in path:
         tree = tree[k]

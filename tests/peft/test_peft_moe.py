@@ -220,3 +220,47 @@ def test_training_reaches_the_experts_not_the_router():
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), st.trainable, before)
     assert all(jax.tree.leaves(changed)), changed
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_transformers4_expert_adapter_loads_as_peft_converts_it(family, hf_dir, tmp_path):
+    """A PEFT adapter saved against transformers 4 (one LoRA per expert Linear: Mixtral w1/w3/w2 under
+    block_sparse_moe, Qwen gate_proj/up_proj/down_proj) loads with the logits PEFT gives after its own fusion."""
+    import json
+
+    from peft import PeftModel
+    from peft_helpers import logits
+    from safetensors.numpy import save_file
+    from tiny_models import hf_logits
+
+    import jaxtune
+    from jaxtune import peft as jpeft
+    from jaxtune.peft.experts_v4 import V4_EXPERTS
+
+    hf, directory = hf_dir(family)
+    model = jaxtune.load_model(directory)
+    a = model.arch
+    d, f, r = a.hidden_size, a.moe_intermediate_size, 2
+    block, (gate, up, down) = V4_EXPERTS[family]
+    rng = np.random.RandomState(3)
+    tensors, pre = {}, "base_model.model.model.layers."
+    for i in range(a.num_layers):
+        shapes = {f"{block}.gate": (d, a.num_experts), "self_attn.q_proj": (d, a.num_heads * a.head_dim)}
+        for e in range(a.num_experts):
+            shapes.update({f"{block}.experts.{e}.{p}": (d, f) for p in (gate, up)})
+            shapes[f"{block}.experts.{e}.{down}"] = (f, d)
+        for mod, (n_in, n_out) in shapes.items():
+            tensors[f"{pre}{i}.{mod}.lora_A.weight"] = (0.1 * rng.normal(size=(r, n_in))).astype(np.float32)
+            tensors[f"{pre}{i}.{mod}.lora_B.weight"] = (0.1 * rng.normal(size=(n_out, r))).astype(np.float32)
+    out = tmp_path / "v4"
+    out.mkdir()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 3, "target_modules": ["q_proj", gate, up, down, "gate"],
+              "task_type": "CAUSAL_LM", "lora_dropout": 0.0, "bias": "none"}  # fmt: skip
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    theirs = PeftModel.from_pretrained(copy.deepcopy(hf), out).eval()
+    adapters = jpeft.load_adapter(model, out)
+    assert adapters.variables["lora"]["layers"]["mlp"]["experts"]["gate_up_proj"]["lora_a"].shape[-1] == 2 * r
+    ours = logits(model, IDS, adapters)
+    assert np.abs(ours - logits(model, IDS)).max() > 1e-2
+    np.testing.assert_allclose(ours, hf_logits(theirs, IDS), atol=ATOL, rtol=0)

@@ -61,6 +61,10 @@ class ModelConfig:
     quantization: Literal["none", "nf4", "int8"] = "none"  # of the frozen base weights
     double_quant: bool = False  # quantise the NF4 block scales too
     quant_block_size: int = 64
+    # mixture of experts (Mixtral, Qwen2/3-MoE): weight of the load-balancing loss (None: the checkpoint's
+    # router_aux_loss_coef, as transformers trains with output_router_logits) and of the router z-loss
+    moe_aux_loss_coef: float | None = None
+    moe_z_loss_coef: float = 0.0
 
     def __post_init__(self):
         check(
@@ -139,6 +143,9 @@ class MethodConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: str | tuple[str, ...] = ("q_proj", "v_proj")  # PEFT semantics; "all-linear" allowed
+    # PEFT `target_parameters`: parameters adapted directly, e.g. MoE experts [mlp.experts.gate_up_proj,
+    # mlp.experts.down_proj] (also reachable through target_modules: experts.gate_up_proj, or all-linear)
+    target_parameters: tuple[str, ...] = ()
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
     dora: bool = False  # weight-decomposed LoRA
     pissa: bool = False  # init from the principal singular vectors
@@ -168,7 +175,11 @@ class MethodConfig:
         positive(self, "encoder_hidden_size")
         fraction(self, "dropout", closed=False)
         check(self.freeze_trainable_layers != 0, "freeze_trainable_layers", "must not be 0 (use > 0 or < 0)")
-        check(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+        check(
+            len(self.target_modules) > 0 or len(self.target_parameters) > 0,
+            "target_modules",
+            "must name at least one module (or set target_parameters)",
+        )
         regexes(self, "trainable_patterns", "frozen_patterns", "rank_pattern", "alpha_pattern")
 
 

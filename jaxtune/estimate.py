@@ -63,7 +63,8 @@ def activation_bytes(arch, batch: int, seq: int, remat: str, flash: bool, bytes_
         return layers * 2 * s * b * h + per_layer_full
     # "dots": matmul outputs are kept (q, k, v, o, gate, up, down), elementwise results recomputed
     kv = arch.num_kv_heads * arch.head_dim
-    return layers * s * b * (3 * h + 2 * kv + 2 * arch.intermediate_size) * bytes_per + per_layer_full
+    ffn = arch.experts_per_token * (arch.moe_intermediate_size + h) if arch.num_experts else arch.intermediate_size
+    return layers * s * b * (3 * h + 2 * kv + 2 * ffn) * bytes_per + per_layer_full
 
 
 def estimate(cfg, compile: bool = True) -> dict:
@@ -97,6 +98,9 @@ def estimate(cfg, compile: bool = True) -> dict:
     out = {
         "model_type": arch.model_type,
         "base_params": base,
+        # mixture of experts: what one token meets (its top-k experts of every layer); = base_params if dense
+        "active_params": base - arch.num_params() + arch.active_params(),
+        "experts": f"{arch.experts_per_token} of {arch.num_experts}" if arch.num_experts else None,
         "trainable_params": _count(trainable),
         "trainable_fraction": _count(trainable) / max(base, 1),
         "frozen_bytes": _nbytes(frozen),
@@ -138,6 +142,8 @@ def main(cfg) -> dict:
     lines = [
         f"model {name}: {out['base_params'] / 1e9:.3f} B params; method {cfg.method.name}: "
         f"{out['trainable_params']:,} trainable ({100 * out['trainable_fraction']:.3f}%)",
+        *([f"  active per token      {out['active_params'] / 1e9:.3f} B params ({out['experts']} experts)"]
+          if out["experts"] else []),
         f"  frozen weights        {_gb(out['frozen_bytes'])}   (quantization: {cfg.model.quantization})",
         f"  trainable weights     {_gb(out['trainable_bytes'])}",
         f"  gradients (fp32)      {_gb(out['grad_bytes'])}",

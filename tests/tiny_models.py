@@ -62,7 +62,20 @@ FAMILIES = {
         **COMMON,
     ),
     "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64),
-}
+    # mixtures of experts: 4 experts, top-2, experts of 32 (Mixtral: intermediate_size is the expert size)
+    "mixtral": dict(
+        model_type="mixtral", num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        **{**COMMON, "intermediate_size": 32},
+    ),
+    "qwen2_moe": dict(
+        model_type="qwen2_moe", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=False, **COMMON,
+    ),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe", num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, norm_topk_prob=True, **COMMON,
+    ),
+}  # fmt: skip
 
 
 def build_hf(family: str, seed: int = 0, **overrides):

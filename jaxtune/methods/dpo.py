@@ -65,6 +65,7 @@ import numpy as np
 from jaxtune.data.batch import TokenBatch
 from jaxtune.errors import RunError
 from jaxtune.methods import reference
+from jaxtune.methods.forward import with_moe
 from jaxtune.methods.logps import sequence_logps
 from jaxtune.methods.record import Method, Prepare, Prepared
 
@@ -217,7 +218,7 @@ def loss_fn(lm, variables, batch, rng, cfg, train: bool = True):
     b = batch.chosen.input_ids.shape[0]
     policy, ref_vars = reference.split(variables)
     both = pair_batch(batch.chosen, batch.rejected)
-    stats = lm.stats(policy, both, rng, train=train)
+    stats, moe_losses = lm.stats_moe(policy, both, rng, train=train)
     logps, counts = trained_logps(stats, both)
     if d.loss_type in REFERENCE_FREE:
         ref = jnp.zeros_like(logps)
@@ -254,7 +255,7 @@ def loss_fn(lm, variables, batch, rng, cfg, train: bool = True):
         sums["nll"] = total(sg(nll))
         sums["log_odds_ratio"] = total(jax.nn.log_sigmoid(delta))
         sums["log_odds_chosen"] = total(delta)
-    return total(losses), sums
+    return with_moe(lm.arch, moe_losses, total(losses), sums, valid.sum())
 
 
 def prepare(p: Prepare) -> Prepared:

@@ -32,7 +32,7 @@ from jaxtune.data.batch import PromptBatch, TokenBatch
 from jaxtune.errors import RunError
 from jaxtune.methods import rewards as rewards_lib
 from jaxtune.methods import rollout as ro
-from jaxtune.methods.forward import LM
+from jaxtune.methods.forward import LM, with_moe
 from jaxtune.methods.record import RL, Method, Prepare, Prepared, Schedule
 from jaxtune.methods.reference import add_frozen_copy
 
@@ -138,7 +138,8 @@ def loss_fn(lm, variables, batch: Batch, rng, cfg, train: bool = True):
     g = cfg.grpo
     policy, _ = ro.policy_and_reference(variables)
     temp = float(cfg.generation.temperature) or 1.0
-    logp = ro.stats(lm, policy, batch.tokens, temp, rng, train).logp  # [B, T]
+    stats, moe_losses = ro.stats_moe(lm, policy, batch.tokens, temp, rng, train)
+    logp = stats.logp  # [B, T]
     mask = batch.tokens.loss_mask
     loss, pg, kl, clipped = objective(logp, batch.old_logps, batch.ref_logps, batch.advantages, mask,
                                       g.clip_range, g.beta)  # fmt: skip
@@ -150,7 +151,7 @@ def loss_fn(lm, variables, batch: Batch, rng, cfg, train: bool = True):
         "clip_fraction": sg(clipped.sum()),
         "tokens": mask.sum(),
     }
-    return loss.sum(), sums
+    return with_moe(lm.arch, moe_losses, loss.sum(), sums, denominator(batch))
 
 
 GRPO = Method("grpo", "prompt", loss_fn, denominator, prepare=prepare, rl=RL(schedule, rollout))

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from jaxtune.data.batch import KTOBatch, TokenBatch
 from jaxtune.errors import RunError
 from jaxtune.methods import reference
-from jaxtune.methods.dpo import sequence_logps_of
+from jaxtune.methods.dpo import sequence_logps_of, trained_logps
+from jaxtune.methods.forward import with_moe
 from jaxtune.methods.record import Method, Prepare, Prepared
 
 log = logging.getLogger("jaxtune.train")
@@ -111,7 +112,8 @@ def loss_fn(lm, variables, batch: KTOBatch, rng, cfg, train: bool = True):
     both = jax.tree.map(
         lambda a, c: jnp.concatenate([a, c]), tb, kl_batch
     )  # [2B, T]: one pass for each model
-    logps, _ = sequence_logps_of(lm, policy_vars, both, rng, train)
+    stats, moe_losses = lm.stats_moe(policy_vars, both, rng, train=train)
+    logps, _ = trained_logps(stats, both)
     ref, _ = sequence_logps_of(lm, ref_vars, both)
     ref = jax.lax.stop_gradient(ref)
     policy, policy_kl, ref, ref_kl = logps[:b], logps[b:], ref[:b], ref[b:]
@@ -141,7 +143,7 @@ def loss_fn(lm, variables, batch: KTOBatch, rng, cfg, train: bool = True):
         "accuracy": total(jnp.where(label, policy - ref > kl, policy - ref < kl).astype(jnp.float32)),
         "tokens": (tb.segment_ids > 0).sum().astype(jnp.float32),
     }
-    return total(losses), sums
+    return with_moe(lm.arch, moe_losses, total(losses), sums, n_valid)
 
 
 def prepare(p: Prepare) -> Prepared:

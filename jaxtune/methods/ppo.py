@@ -48,7 +48,7 @@ from jaxtune.data.batch import PromptBatch, TokenBatch
 from jaxtune.errors import RunError
 from jaxtune.methods import rewards as rewards_lib
 from jaxtune.methods import rollout as ro
-from jaxtune.methods.forward import LM
+from jaxtune.methods.forward import LM, with_moe
 from jaxtune.methods.record import RL, Method, Prepare, Prepared, Schedule
 from jaxtune.methods.reference import add_frozen_copy
 from jaxtune.models.decoder import Decoder
@@ -232,14 +232,20 @@ def prepare(p: Prepare) -> Prepared:
 def forward(policy_lm: LM, value_lm: LM | None, variables: dict, tokens: TokenBatch, temperature: float, rng=None,
             train: bool = False):  # fmt: skip
     """(log π(target) [B, T], V [B, T]) under the policy and the value model."""
+    return forward_moe(policy_lm, value_lm, variables, tokens, temperature, rng, train)[:2]
+
+
+def forward_moe(policy_lm: LM, value_lm: LM | None, variables: dict, tokens: TokenBatch, temperature: float,
+                rng=None, train: bool = False):  # fmt: skip
+    """`forward` and the policy's MoE router losses (None for a dense policy)."""
     policy, ref = ro.policy_and_reference(variables)
     value = variables["value"]
-    hidden = policy_lm.hidden(policy, tokens, rng, train)  # [B, T, D]
+    hidden, moe_losses = policy_lm.hidden_moe(policy, tokens, rng, train)  # [B, T, D]
     logp = ro.stats_from_hidden(policy_lm, policy, hidden, tokens.targets, temperature).logp
     if value_lm is None:  # shared: the head reads the policy's hidden states
-        return logp, token_scores(policy_lm.arch, value, hidden)
+        return logp, token_scores(policy_lm.arch, value, hidden), moe_losses
     v_hidden = value_lm.hidden({**ref, "lora": value["lora"]}, tokens)  # base frozen, value LoRA trainable
-    return logp, token_scores(value_lm.arch, value, v_hidden)
+    return logp, token_scores(value_lm.arch, value, v_hidden), moe_losses
 
 
 @partial(jax.jit, static_argnames=("lm", "value_lm", "temperature"))
@@ -285,7 +291,7 @@ def denominator(batch: Batch):
 def loss_fn(models: ActorCritic, variables, batch: Batch, rng, cfg, train: bool = True):
     p = cfg.ppo
     temp = float(cfg.generation.temperature) or 1.0
-    logp, values = forward(models.policy, models.value, variables, batch.tokens, temp, rng, train)
+    logp, values, moe_losses = forward_moe(models.policy, models.value, variables, batch.tokens, temp, rng, train)
     loss, pg, vf, clipped, v_clipped, ratio = objective(
         logp, values, batch, p.clip_range, p.value_clip, p.vf_coef
     )
@@ -303,7 +309,7 @@ def loss_fn(models: ActorCritic, variables, batch: Batch, rng, cfg, train: bool 
         "returns": total(batch.returns),
         "tokens": m.sum(),
     }
-    return total(loss), sums
+    return with_moe(models.policy.arch, moe_losses, total(loss), sums, denominator(batch))
 
 
 PPO = Method(

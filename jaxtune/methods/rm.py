@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jaxtune.data.batch import PreferenceBatch
 from jaxtune.errors import RunError
 from jaxtune.methods.dpo import pair_batch, pair_mask
+from jaxtune.methods.forward import with_moe
 from jaxtune.methods.record import Method, Prepare, Prepared
 from jaxtune.models.adapters_hook import UNMERGEABLE
 from jaxtune.models.score import SCORE_MAP, init_score, seq_cls_config, sequence_scores
@@ -45,11 +46,16 @@ def denominator(batch):
 
 def rewards(lm, variables, batch: PreferenceBatch, rng=None, train: bool = False):
     """(chosen rewards [B], rejected rewards [B]) from one forward pass over both."""
+    return rewards_moe(lm, variables, batch, rng, train)[:2]
+
+
+def rewards_moe(lm, variables, batch: PreferenceBatch, rng=None, train: bool = False):
+    """`rewards` and the MoE router losses of the pass (None for a dense model)."""
     both = pair_batch(batch.chosen, batch.rejected)  # [2B, T]
-    hidden = lm.hidden(variables, both, rng, train)  # [2B, T, D]
+    hidden, moe_losses = lm.hidden_moe(variables, both, rng, train)  # [2B, T, D]
     r = sequence_scores(lm.arch, variables["params"], hidden, both.segment_ids)  # [2B]
     b = batch.chosen.input_ids.shape[0]
-    return r[:b], r[b:]
+    return r[:b], r[b:], moe_losses
 
 
 def pair_loss(r_c, r_r, margin: float = 0.0, center_coef: float = 0.0):
@@ -61,7 +67,7 @@ def pair_loss(r_c, r_r, margin: float = 0.0, center_coef: float = 0.0):
 
 
 def loss_fn(lm, variables, batch: PreferenceBatch, rng, cfg, train: bool = True):
-    r_c, r_r = rewards(lm, variables, batch, rng, train)
+    r_c, r_r, moe_losses = rewards_moe(lm, variables, batch, rng, train)
     valid = pair_mask(batch)
     losses = pair_loss(r_c, r_r, cfg.rm.margin, cfg.rm.center_rewards_coef)
     total = lambda x: (x * valid).sum()
@@ -76,7 +82,7 @@ def loss_fn(lm, variables, batch: PreferenceBatch, rng, cfg, train: bool = True)
             jnp.float32
         ),
     }
-    return total(losses), sums
+    return with_moe(lm.arch, moe_losses, total(losses), sums, valid.sum())
 
 
 def prepare(p: Prepare) -> Prepared:

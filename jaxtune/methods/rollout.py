@@ -145,6 +145,12 @@ def stats(
     return stats_from_hidden(lm, variables, hidden, batch.targets, temperature)
 
 
+def stats_moe(lm: LM, variables, batch: TokenBatch, temperature: float = 1.0, rng=None, train=False):
+    """`stats` and the MoE router losses of the pass (None for a dense model): the policy update's forward."""
+    hidden, losses = lm.hidden_moe(variables, batch, rng, train)  # [B, T, D]
+    return stats_from_hidden(lm, variables, hidden, batch.targets, temperature), losses
+
+
 @partial(jax.jit, static_argnames=("lm", "temperature"))
 def token_logps(lm: LM, variables, batch: TokenBatch, temperature: float = 1.0):
     """log p(target) [B, T] in eval mode (no dropout), no gradient."""

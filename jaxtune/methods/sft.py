@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxtune.data.batch import TokenBatch
+from jaxtune.methods.forward import with_moe
 from jaxtune.methods.logps import token_losses
 from jaxtune.methods.record import Method
 
@@ -21,7 +22,7 @@ def denominator(batch: TokenBatch):
 
 def loss_fn(lm, variables, batch: TokenBatch, rng, cfg, train: bool = True):
     """(sum of weighted token losses, metric sums). `cfg` is the run config (z-loss, label smoothing)."""
-    stats = lm.stats(variables, batch, rng, train=train)
+    stats, moe_losses = lm.stats_moe(variables, batch, rng, train=train)
     mask = batch.loss_mask.astype(jnp.float32)
     losses = token_losses(stats, cfg.training.label_smoothing, cfg.training.z_loss)
     loss = (losses * mask).sum()
@@ -30,7 +31,7 @@ def loss_fn(lm, variables, batch: TokenBatch, rng, cfg, train: bool = True):
         "nll": (-stats.logp * mask).sum(),
         "accuracy": (stats.correct * mask).sum(),
     }
-    return loss, sums
+    return with_moe(lm.arch, moe_losses, loss, sums, denominator(batch))
 
 
 PT = Method("pt", "text", loss_fn, denominator)  # continued pre-training: every token of the text trains

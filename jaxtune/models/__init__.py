@@ -1,5 +1,7 @@
-"""Decoder-only model families (Llama, Mistral, Qwen2/3, Gemma, Phi-3/4, GPT-2) as one functional Flax decoder."""
+"""Decoder-only model families (Llama, Mistral, Qwen2/3, Gemma, Phi-3/4, GPT-2; Mixtral, Qwen2/3-MoE) as one
+Flax decoder."""
 
+from jaxtune.models import family_moe  # noqa: F401  (registers mixtral, qwen2_moe, qwen3_moe with families)
 from jaxtune.models.arch import ArchConfig, PeftSpec
 from jaxtune.models.families import SUPPORTED, UnsupportedModelError, arch_from_hf
 from jaxtune.models.hf import from_hf_config, load_model, save_model

@@ -11,6 +11,7 @@ per-layer ones carry the leading `layers` axis of `nn.scan`):
   lora    {<proj>: {lora_a [in, r], lora_b [r, out], magnitude [out] (DoRA)}}   in any `Proj`
           {embed_tokens: {lora_a [V, r], lora_b [r, D]}}                       at the decoder root
           {lm_head: {lora_a [D, r], lora_b [r, V]}}          at the root too when the head is tied
+          {gate_up_proj|down_proj: {lora_a [E, in, r], lora_b [E, r, out]}}   in an MoE `experts` module
   ia3     {<proj>: {scale_out [out]} | {scale_in [in]}}                          (IA)^3, in any `Proj`
   bitfit  {<proj>: {bias [out]}}                     BitFit biases added to projections that have none
   adapter {attn_adapter|mlp_adapter: {down: {kernel, bias}, up: {kernel, bias}}}  Houlsby / Pfeiffer
@@ -92,6 +93,24 @@ def project(module, x):
     if module.has_variable("ia3", "scale_out"):
         # (IA)^3 on k/v-like modules scales the output, bias included (PEFT: base_layer(x) * ia3_l).
         y = y * module.variables["ia3"]["scale_out"].astype(dtype)
+    return y
+
+
+def expert_project(module, name: str, x, group_sizes, kernel):
+    """One grouped expert matmul (models/moe.py): rows of `x` [N, in] sorted by expert, `group_sizes` [E] rows per
+    expert, `kernel` [E, in, out] -> [N, out], via `jax.lax.ragged_dot` (each row meets only its own expert's
+    matrix). Plus per-expert LoRA when the `lora` collection of `module` holds `name`:
+    {lora_a [E, in, r], lora_b [E, r, out]} -> + s * (x A_e) B_e, the same grouped matmul twice at rank r. Its
+    scale is `PeftSpec.lora_scale["experts.<name>"]`, apart from any ordinary Proj called `name` (Phi-3's
+    `mlp.gate_up_proj`); callers pass the bare parameter name."""
+    dtype = module.arch.compute_dtype
+    x = x.astype(dtype)
+    y = jax.lax.ragged_dot(x, kernel.astype(dtype), group_sizes)  # [N, out]
+    if module.has_variable("lora", name):
+        p = module.variables["lora"][name]
+        after_a = jax.lax.ragged_dot(x, p["lora_a"].astype(dtype), group_sizes)  # [N, r]
+        delta = jax.lax.ragged_dot(after_a, p["lora_b"].astype(dtype), group_sizes)  # [N, out]
+        y = y + delta * module.arch.peft.scale_for(f"experts.{name}")
     return y
 
 

@@ -76,6 +76,14 @@ class ArchConfig:
     # --- Phi-3 / Phi-4 (phi3): HF's fused projections stay fused (PEFT targets each as one module) ---
     fused_qkv: bool = False  # self_attn.qkv_proj = [q | k | v] along the output axis, split in the layer
     fused_gate_up: bool = False  # mlp.gate_up_proj = [gate | up] along the output axis
+    # --- mixture of experts (models/moe.py; family_moe.py maps Mixtral / Qwen2-MoE / Qwen3-MoE) ---
+    num_experts: int = 0  # 0 = dense MLP
+    experts_per_token: int = 0  # top-k
+    moe_intermediate_size: int = 0  # each expert's hidden size
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
+    shared_expert_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert; 0 = none
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training
+    router_z_loss_coef: float = 0.0  # weight of the router z-loss in training
     # --- runtime switches (not from HF) ---
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -95,6 +103,8 @@ class ArchConfig:
             raise RunError(
                 f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers"
             )
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise RunError(f"experts_per_token={self.experts_per_token} must be in 1..num_experts={self.num_experts}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise RunError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
@@ -131,10 +141,25 @@ class ArchConfig:
         mlp = d * f * (3 if self.gated_mlp else 2) + (
             f * (2 if self.gated_mlp else 1) + d if self.mlp_bias else 0
         )
+        if self.num_experts:  # router + every expert (total, not active: see active_params)
+            mlp = self._moe_mlp(self.num_experts)
         norms = 2 * d * (2 if self.norm == "layer" else 1) + (2 * hd if self.qk_norm else 0)
         n = self.num_layers * (attn + mlp + norms) + d * (2 if self.norm == "layer" else 1)
         if include_embeddings:
             n += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
             if self.positions == "learned":
                 n += self.max_position_embeddings * d
+        return n
+
+    def _moe_mlp(self, experts: int) -> int:
+        d = self.hidden_size
+        shared = 3 * d * self.shared_expert_size + d if self.shared_expert_size else 0
+        return d * self.num_experts + experts * 3 * d * self.moe_intermediate_size + shared
+
+    def active_params(self, include_embeddings: bool = True) -> int:
+        """Parameters one token meets: for a mixture of experts only its `experts_per_token` experts count
+        (the FLOPs per token and MFU use this); equal to `num_params` for a dense model."""
+        n = self.num_params(include_embeddings)
+        if self.num_experts:
+            n -= self.num_layers * (self._moe_mlp(self.num_experts) - self._moe_mlp(self.experts_per_token))
         return n

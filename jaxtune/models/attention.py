@@ -72,6 +72,7 @@ class Inputs:
     impl: str = flax.struct.field(pytree_node=False)  # resolved: xla | splash | pallas_gpu | cudnn
     mask: jax.Array | None = None  # [B, 1, T, S] bool (xla)
     segment_ids: jax.Array | None = None  # [B, T] int (kernels)
+    real: jax.Array | None = None  # [B, T] bool, segment id != 0: the tokens MoE router statistics count
 
 
 def _windows(arch: ArchConfig) -> tuple[int | None, ...]:

@@ -12,9 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models import adapters_hook, attention, kv_cache
+from jaxtune.models import adapters_hook, attention, kv_cache, moe
 from jaxtune.models.arch import ArchConfig
-from jaxtune.models.layers import INIT_STD, Block, Norm, Proj, rope_tables
+from jaxtune.models.layers import INIT_STD, MLP, Block, Norm, Proj, rope_tables
 from jaxtune.parallel.rules import constrain
 
 # The residual stream between layers: split over the batch (data, fsdp), whole along length and embed. A no-op
@@ -82,8 +82,9 @@ class Decoder(nn.Module):
             block = _ScanBlock
         if a.remat != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[a.remat], prevent_cse=not a.scan_layers)
+        mlp_cls = moe.MoE if a.num_experts else MLP
         if a.scan_layers:
-            collections = ("params", kv_cache.COLLECTION, *adapters_hook.COLLECTIONS)
+            collections = ("params", kv_cache.COLLECTION, moe.COLLECTION, *adapters_hook.COLLECTIONS)
             stack = lambda n: nn.scan(
                 block,
                 variable_axes={c: 0 for c in collections},
@@ -91,13 +92,13 @@ class Decoder(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=n,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(a, self.deterministic)
+            )(a, self.deterministic, mlp_cls)
             split = a.peft.layer_split  # freeze-tuning: two stacks, so one can stay frozen without weight grads
             self.layers = stack(split or a.num_layers)
             if split:
                 self.top_layers = stack(a.num_layers - split)
         else:
-            self.layers = [block(a, self.deterministic) for _ in range(a.num_layers)]
+            self.layers = [block(a, self.deterministic, mlp_cls) for _ in range(a.num_layers)]
         self.norm = Norm(a)
         if not a.tie_word_embeddings:
             self.lm_head = Proj(
@@ -126,6 +127,8 @@ class Decoder(nn.Module):
         # once per pass: segment ids for a kernel, else the dense mask (a decode step's: the cache slots the
         # caller marks); what a kernel cannot serve falls back to xla with one logged line (attention.py)
         attn = attention.inputs(a, segment_ids, cache_mask)
+        if a.num_experts:  # the tokens MoE router statistics count (HF: the attention mask)
+            attn = attn.replace(real=segment_ids != 0)
         cos = sin = None
         if a.positions == "rope":
             cos, sin = rope_tables(a, positions, a.compute_dtype, segment_ids)  # [B, T, H]

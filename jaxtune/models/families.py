@@ -38,10 +38,22 @@ class TensorMap:
     hf: str  # HF tensor name; "{i}" stands for the layer index
     transpose: bool = False  # torch Linear [out, in] <-> our kernel [in, out]
     part: tuple[int, int] | None = None  # (index, parts) of a tensor fused along its last axis (GPT-2 c_attn)
+    # a leaf assembled from several tensors (MoE, family_moe.py): `experts` > 0 stacks one tensor per expert
+    # ("{e}" in the names) along the leaf's first axis; `concat` names further tensors joined after `hf`'s
+    # along the last axis of our layout (Mixtral's w1 | w3 -> gate_up_proj). `transpose` swaps the last two axes.
+    experts: int = 0
+    concat: tuple[str, ...] = ()
 
     @property
     def per_layer(self) -> bool:
         return self.path[0] == "layers"
+
+    def names(self, i: int | None = None) -> list[str]:
+        """Every HF tensor this leaf is read from, for layer `i`."""
+        pieces = (self.hf, *self.concat)
+        if not self.experts:
+            return [p.format(i=i) for p in pieces]
+        return [p.format(i=i, e=e) for e in range(self.experts) for p in pieces]
 
 
 def _get(cfg: dict, *names, default=None):
@@ -127,9 +139,16 @@ def _windows(cfg: dict, n_layers: int, model_type: str) -> tuple[int, ...]:
     return tuple(int(window) if t == "sliding_attention" else 0 for t in types)
 
 
+# model_type -> (arch_from_hf, tensor_maps) of families mapped in their own modules, which register here on
+# import (jaxtune/models/__init__.py imports them): family_moe.py (mixtral, qwen2_moe, qwen3_moe)
+EXTRA_FAMILIES: dict = {}
+
+
 def arch_from_hf(cfg: dict, **runtime) -> ArchConfig:
     """Build the ArchConfig for a HF `config.json` dict; `runtime` sets dtype, param_dtype, remat, ..."""
     mt = cfg.get("model_type")
+    if mt in EXTRA_FAMILIES:
+        return EXTRA_FAMILIES[mt][0](cfg, **runtime)
     if mt == "gpt2":
         d = cfg["n_embd"]
         if cfg.get("scale_attn_by_inverse_layer_idx"):
@@ -157,7 +176,7 @@ def arch_from_hf(cfg: dict, **runtime) -> ArchConfig:
         )
     if mt not in LLAMA_LIKE:
         raise UnsupportedModelError(
-            f"model_type {mt!r} is not supported; jaxtune supports: {', '.join(sorted(SUPPORTED))}"
+            f"model_type {mt!r} is not supported; jaxtune supports: {', '.join(sorted((*SUPPORTED, *EXTRA_FAMILIES)))}"
         )
     heads = cfg["num_attention_heads"]
     attn_bias = bool(cfg.get("attention_bias", False)) and mt != "phi3"  # Phi3 Linears never have biases
@@ -201,6 +220,8 @@ def tensor_maps(arch: ArchConfig) -> list[TensorMap]:
     """Every parameter leaf of `arch` and the HF tensor it comes from."""
     if arch.model_type == "gpt2":
         return _gpt2_maps(arch)
+    if arch.model_type in EXTRA_FAMILIES:
+        return EXTRA_FAMILIES[arch.model_type][1](arch)
     L = "model.layers.{i}."
     maps = [TensorMap(("embed_tokens", "embedding"), "model.embed_tokens.weight")]
     projs = [

@@ -20,6 +20,7 @@ from flax import traverse_util
 from jaxtune.errors import RunError
 from jaxtune.models.arch import DTYPES, ArchConfig
 from jaxtune.models.families import IGNORED_SUFFIXES, TensorMap, arch_from_hf, tensor_maps
+from jaxtune.models.family_moe import checkpoint_maps
 from jaxtune.models.model import Model, abstract_variables, init_params, param_shardings
 from jaxtune.models.safetensors_io import CheckpointError, Lazy, SafetensorsReader, write_sharded
 from jaxtune.models.score import SCORE_MAP, is_seq_cls, swap_head
@@ -56,7 +57,22 @@ def _part(t: np.ndarray, m: TensorMap) -> np.ndarray:
         idx, n = m.part
         size = t.shape[-1] // n
         t = t[..., idx * size : (idx + 1) * size]
-    return t.T if m.transpose else t
+    return np.swapaxes(t, -1, -2) if m.transpose else t
+
+
+def _layer_tensor(reader: SafetensorsReader, m: TensorMap, i: int | None, index: tuple) -> np.ndarray:
+    """The slice `index` of one layer's (or a root) leaf, in our layout; expert leaves are assembled from
+    their per-expert (and concatenated) tensors, reading only the experts the slice covers."""
+    if not m.experts:
+        return _part(reader.get(m.hf.format(i=i)), m)[index]
+    pieces = (m.hf, *m.concat)
+    rest = index[1:]
+    return np.stack(
+        [
+            np.concatenate([_part(reader.get(p.format(i=i, e=e)), m) for p in pieces], axis=-1)[rest]
+            for e in range(m.experts)[index[0]]
+        ]
+    )
 
 
 def _check(reader: SafetensorsReader, maps: list[TensorMap], shapes: dict, n_layers: int) -> None:
@@ -64,19 +80,21 @@ def _check(reader: SafetensorsReader, maps: list[TensorMap], shapes: dict, n_lay
     problems = []
     for m in maps:
         want = shapes[m.path][1:] if m.per_layer else shapes[m.path]
+        if m.experts:  # one tensor per expert and piece: [.., out / pieces] of the leaf without its expert axis
+            want = (*want[1:-1], want[-1] // (1 + len(m.concat)))
         for i in range(n_layers) if m.per_layer else [None]:
-            name = m.hf.format(i=i)
-            if name not in reader:
-                problems.append(f"missing tensor {name}")
-                continue
-            got = reader.shape(name)
-            if m.part:
-                got = (*got[:-1], got[-1] // m.part[1])
-            got = got[::-1] if m.transpose else got
-            if tuple(got) != tuple(want):
-                problems.append(
-                    f"tensor {name} has shape {reader.shape(name)}, config.json implies {tuple(want)}"
-                )
+            for name in m.names(i):
+                if name not in reader:
+                    problems.append(f"missing tensor {name}")
+                    continue
+                got = tuple(reader.shape(name))
+                if m.part:
+                    got = (*got[:-1], got[-1] // m.part[1])
+                got = (*got[:-2], got[-1], got[-2]) if m.transpose else got
+                if tuple(got) != tuple(want):
+                    problems.append(
+                        f"tensor {name} has shape {reader.shape(name)}, config.json implies {tuple(want)}"
+                    )
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(
@@ -92,7 +110,7 @@ def load_params(directory, arch: ArchConfig, shardings=None, head: str = "lm"):
     stacked = arch.replace(scan_layers=True)
     abstract = traverse_util.flatten_dict(abstract_variables(stacked)["params"])
     shapes = {k: tuple(v.value.shape if hasattr(v, "value") else v.shape) for k, v in abstract.items()}
-    maps = {m.path: m for m in tensor_maps(arch)}
+    maps = {m.path: m for m in checkpoint_maps(arch, tensor_maps(arch), reader)}  # MoE: legacy or fused
     if head == "score":
         if "score.weight" not in reader:
             raise CheckpointError(
@@ -108,13 +126,12 @@ def load_params(directory, arch: ArchConfig, shardings=None, head: str = "lm"):
 
         def read(index, m=m):  # the slice `index` of this leaf, in our layout
             if not m.per_layer:
-                return np.asarray(_part(reader.get(m.hf), m)[index], dtype=dtype)
+                return np.asarray(_layer_tensor(reader, m, None, index), dtype=dtype)
             layers = range(arch.num_layers)[index[0]]
-            return np.stack(
-                [np.asarray(_part(reader.get(m.hf.format(i=i)), m)[index[1:]], dtype=dtype) for i in layers]
-            )
+            return np.stack([np.asarray(_layer_tensor(reader, m, i, index[1:]), dtype=dtype) for i in layers])
 
-        used.update(m.hf.format(i=i) for i in range(arch.num_layers)) if m.per_layer else used.add(m.hf)
+        for i in range(arch.num_layers) if m.per_layer else [None]:
+            used.update(m.names(i))
         sharding = flat_shardings.get(path)
         if sharding is None:
             out[path] = jax.device_put(read(tuple(slice(None) for _ in shape)))
@@ -184,9 +201,12 @@ def hf_tensors(params: dict, arch: ArchConfig, dtype) -> list[Lazy]:
     maps = tensor_maps(arch)
     if "score" in params:  # a reward / value model: HF *ForSequenceClassification has `score`, no LM head
         maps = [m for m in maps if m.path[0] != "lm_head"] + [SCORE_MAP]
-    for m in maps:
-        groups.setdefault(m.hf, []).append(m)
     out = []
+    for m in maps:
+        if m.experts:  # MoE: one tensor per expert and piece (family_moe.py), the legacy layout HF saves
+            out += expert_tensors(flat[m.path], m, arch.num_layers, dtype)
+        else:
+            groups.setdefault(m.hf, []).append(m)
     for hf, ms in groups.items():
         ms = sorted(ms, key=lambda m: m.part or (0, 1))
         for i in range(arch.num_layers) if ms[0].per_layer else [None]:
@@ -196,13 +216,33 @@ def hf_tensors(params: dict, arch: ArchConfig, dtype) -> list[Lazy]:
                     np.asarray(jax.device_get(flat[m.path] if i is None else flat[m.path][i])) for m in ms
                 ]
                 t = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
-                return t.T if ms[0].transpose else t
+                return np.swapaxes(t, -1, -2) if ms[0].transpose else t
 
             leaf = flat[ms[0].path]
             shape = leaf.shape[1:] if i is not None else leaf.shape
             if len(ms) > 1:
                 shape = (*shape[:-1], shape[-1] * len(ms))
-            out.append(Lazy(hf.format(i=i), shape[::-1] if ms[0].transpose else shape, dtype, fn))
+            shape = (*shape[:-2], shape[-1], shape[-2]) if ms[0].transpose else shape
+            out.append(Lazy(hf.format(i=i), shape, dtype, fn))
+    return out
+
+
+def expert_tensors(leaf, m: TensorMap, n_layers: int, dtype) -> list[Lazy]:
+    """Lazy per-expert HF tensors of a stacked [L, E, ..., pieces * out] expert leaf."""
+    pieces = (m.hf, *m.concat)
+    size = leaf.shape[-1] // len(pieces)
+    out = []
+    for i in range(n_layers):
+        for e in range(m.experts):
+            for j, name in enumerate(pieces):
+
+                def fn(i=i, e=e, j=j):
+                    t = np.asarray(jax.device_get(leaf[i, e, ..., j * size : (j + 1) * size]))
+                    return np.swapaxes(t, -1, -2) if m.transpose else t
+
+                shape = (*leaf.shape[2:-1], size)
+                shape = (*shape[:-2], shape[-1], shape[-2]) if m.transpose else shape
+                out.append(Lazy(name.format(i=i, e=e), shape, dtype, fn))
     return out
 
 

@@ -204,6 +204,7 @@ class Block(nn.Module):
 
     arch: ArchConfig
     deterministic: bool = True
+    mlp_cls: type = MLP  # the feed-forward module: decoder.py passes moe.MoE when arch.num_experts > 0
 
     @nn.compact
     def __call__(self, x, attn, cos, sin, positions, window):  # [B, T, D]
@@ -212,6 +213,7 @@ class Block(nn.Module):
         h = Attention(a, det, name="self_attn")(h, attn, cos, sin, positions, window)
         h = adapters_hook.bottleneck(self, h, "attn_adapter", det)  # Houlsby: after attention
         x = x + h
-        h = MLP(a, det, name="mlp")(Norm(a, name="post_attention_layernorm")(x))
+        moe_args = (attn.real,) if a.num_experts else ()  # MoE: which tokens count for the router statistics
+        h = self.mlp_cls(a, det, name="mlp")(Norm(a, name="post_attention_layernorm")(x), *moe_args)
         h = adapters_hook.bottleneck(self, h, "mlp_adapter", det)  # Houlsby / Pfeiffer: after the MLP
         return x + h

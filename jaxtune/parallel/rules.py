@@ -53,12 +53,17 @@ LogicalAxes = Sequence[str | None]
 # THE table. Order matters (earlier rules claim mesh axes first; see the module docstring).
 RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", (DATA, FSDP)),  # data parallelism over both axes: FSDP is data parallel for activations
+    # expert parallelism: MoE expert weights split by expert over fsdp (before `embed` claims it, so an expert
+    # kernel [E, D, F] is split by expert, not by width); the tokens, split over fsdp as the batch, meet their
+    # experts through the all-gather / reduce-scatter exchange of models/experts.py
+    ("expert", FSDP),
     ("embed", FSDP),  # FSDP: parameters split along the model width
     ("mlp", TENSOR),  # tensor parallelism (Megatron): MLP hidden, attention heads, vocabulary
     ("heads", TENSOR),
     ("kv_heads", TENSOR),
     ("vocab", TENSOR),
     ("head_dim", None),
+    ("expert_mlp", None),  # an expert's hidden dim (fused gate | up): experts are split by expert instead
     ("layers", None),  # the nn.scan axis over decoder blocks
     ("lora_rank", None),  # small; LoRA factors shard along the kernel dim they share (embed / mlp / heads)
     ("length", None),

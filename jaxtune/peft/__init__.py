@@ -9,6 +9,7 @@
 Methods (`METHODS`, the names `method.name` / `method.combine` take):
   full        all base params train                               select.py
   lora        LoRA / rsLoRA / DoRA / PiSSA / LoRA+ on chosen projections   lora.py
+              (and on MoE experts / routers, PEFT target_parameters)       experts.py
   dora        LoRA with DoRA on                                   lora.py
   qlora       LoRA over an NF4 / int8 quantised base               lora.py + quant.py
   adapter     Houlsby (attention + MLP) or Pfeiffer (MLP) bottlenecks       adapters.py

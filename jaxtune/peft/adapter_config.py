@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from jaxtune.models.arch import PeftSpec
-from jaxtune.peft import names
+from jaxtune.peft import experts_v4, names
 from jaxtune.peft.interop import CONFIG, layer_indices
 from jaxtune.peft.names import PeftConfigError
 
@@ -30,7 +30,6 @@ LORA_UNSUPPORTED = (
     "alora_invocation_tokens",
     "use_qalora",
     "layer_replication",
-    "target_parameters",
     "use_bdlora",
     "arrow_config",
     "kasa_config",
@@ -126,6 +125,33 @@ def lora_setting(st: dict, pattern: str, default: str, hf_name: str) -> tuple[ob
     return st[pattern][key], f"{pattern}[{key!r}]={st[pattern][key]!r}"
 
 
+def check_target_parameters(config: dict, arch, file: Path) -> None:
+    """`target_parameters` (PEFT's ParamWrapper: MoE experts, the router): a list of names, no dropout, and (as
+    PEFT requires) at least one naming a parameter of this model."""
+    target = config.get("target_parameters")
+    if not target:
+        return
+    if not (isinstance(target, list) and all(isinstance(t, str) for t in target)):
+        raise PeftConfigError(f"{file}: target_parameters={target!r} must be a list of parameter names")
+    if config.get("lora_dropout"):
+        raise PeftConfigError(
+            f"{file}: lora_dropout={config['lora_dropout']!r} with target_parameters: PEFT's ParamWrapper refuses "
+            "dropout, so no PEFT adapter can have both"
+        )
+    for key in ("use_dora", "fan_in_fan_out"):
+        if config.get(key):
+            raise PeftConfigError(
+                f"{file}: {key}=true with target_parameters is refused by PEFT's ParamWrapper"
+            )
+    mods = [m for m in names.modules(arch) if m.kind in ("linear", *names.ROUTED)]
+    known = [m.param_names[0].format(i=0) for m in mods]
+    if not any(names.matches([t], n) for t in target for n in known):
+        raise PeftConfigError(
+            f"{file}: target_parameters={target!r} names no parameter of this {arch.model_type} model "
+            f"(parameters: {', '.join(sorted({n.split('layers.0.', 1)[-1] for n in known}))})"
+        )
+
+
 def check_targets(config: dict, arch, file: Path) -> None:
     """`target_modules` must select a module of this model, as PEFT requires (None: PEFT's family defaults)."""
     target = config.get("target_modules")
@@ -145,6 +171,7 @@ def check_targets(config: dict, arch, file: Path) -> None:
     elif names.ALL_LINEAR in target:
         return
     known = [n for m in names.modules(arch) for i in layer_indices(m, arch) for n in m.names(i)]
+    known += experts_v4.v4_module_names(arch)  # a transformers-4 MoE adapter's expert / router modules
     if not any(names.matches(target, n) for n in known):
         shorts = sorted({m.hf.split(".")[-1] for m in names.modules(arch)})
         raise PeftConfigError(

@@ -11,6 +11,7 @@ setting, shape or stray tensor is a `PeftConfigError` naming the key or tensor a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from flax import traverse_util
 from jaxtune.models.arch import PeftSpec
 from jaxtune.models.model import Adapters, Model
 from jaxtune.models.safetensors_io import SafetensorsReader
-from jaxtune.peft import names
+from jaxtune.peft import experts as experts_lib
+from jaxtune.peft import experts_v4, names
 from jaxtune.peft.adapter_config import (
     LORA_UNSUPPORTED,
+    check_target_parameters,
     check_targets,
     check_unsupported,
     lora_setting,
@@ -206,8 +209,8 @@ def _lora_factors(
     a_t, b_t, scales = [], [], []
     for j, i in enumerate(layer_indices(m, arch)):
         hf = m.hf.format(i=i)
-        r, r_from = lora_setting(st, "rank_pattern", "r", hf)
-        alpha, _ = lora_setting(st, "alpha_pattern", "lora_alpha", hf)
+        r, r_from = lora_setting(st, "rank_pattern", "r", m.pattern_names(i)[0])
+        alpha, _ = lora_setting(st, "alpha_pattern", "lora_alpha", m.pattern_names(i)[0])
         want = {
             a_name: (r, m.in_features),
             b_name: (out_features, r),
@@ -242,9 +245,17 @@ def _load_lora(model: Model, config: dict, tensors: _Tensors, d: Path) -> Adapte
     check_unsupported(config, d, LORA_UNSUPPORTED)
     st = lora_settings(config, file)
     check_targets(config, arch, file)
+    check_target_parameters(config, arch, file)
     rslora, dora = bool(config.get("use_rslora")), bool(config.get("use_dora"))
     lora, scales = {}, {}
     for group in hf_groups(arch).values():
+        if group[0].kind == "experts":
+            continue  # below: the expert parameters' keys depend on which of them are targeted
+        v4 = experts_v4.router_name(arch) if group[0].kind == "router" else None
+        if (
+            v4 and f"{PREFIX}{v4.format(i=0)}.lora_A.weight" in tensors.arrays
+        ):  # Mixtral's transformers-4 router
+            group = [dataclasses.replace(group[0], hf=v4)]
         out_features = sum(m.out_features for m in group)
         factors = _lora_factors(group[0], out_features, arch, tensors, st, rslora, dora)
         if factors is None:
@@ -259,7 +270,19 @@ def _load_lora(model: Model, config: dict, tensors: _Tensors, d: Path) -> Adapte
             lora = names.set_path(
                 lora, m.path, jax.tree.map(lambda x: jax.numpy.asarray(x, arch.weight_dtype), leaf)
             )
-            scales[m.name] = scale
+            scales[m.scale_key] = scale
+    setting = lambda pattern, default, hf: lora_setting(st, pattern, default, hf)  # noqa: E731
+    leaves, expert_scales = experts_lib.load(arch, config, tensors, PREFIX, setting, rslora)
+    for path, leaf in leaves.items():
+        lora = names.set_path(lora, path, leaf)
+    scales.update(expert_scales)
+    for path, (leaf, scale) in experts_v4.load(arch, config, tensors, PREFIX, rslora).items():
+        if names.has_path(lora, path):
+            raise PeftConfigError(
+                f"{tensors.file}: both transformers-4 and -5 LoRA tensors for {'/'.join(path)}"
+            )
+        lora = names.set_path(lora, path, leaf)
+        scales[f"experts.{path[-1]}"] = scale
     if not lora:
         raise PeftConfigError(
             f"{tensors.file}: no LoRA tensor matches a module of this {arch.model_type} model"

@@ -55,24 +55,30 @@ def build_bottleneck(ctx: Context) -> Part:
 
 
 def ia3_targets(cfg: MethodConfig, arch) -> tuple[list, list]:
-    """(target_modules, feedforward_modules): PEFT's defaults unless the config names other targets."""
+    """(target_modules, feedforward_modules): PEFT's defaults unless the config names other targets. On an MoE
+    model the feed-forward module is the shared expert's down_proj where there is one (the experts are not linear
+    layers: PEFT's default `w2` / `down_proj` meets no nn.Linear in transformers 5), else none."""
+    feedforward = IA3_FEEDFORWARD.get(arch.model_type, IA3_FEEDFORWARD_DEFAULT)
+    if arch.num_experts:
+        feedforward = ["shared_expert.down_proj"] if arch.shared_expert_size else []
     default = MethodConfig().target_modules
     if tuple(cfg.target_modules) != tuple(default) and cfg.target_modules != default:
-        return cfg.target_modules, IA3_FEEDFORWARD.get(arch.model_type, IA3_FEEDFORWARD_DEFAULT)
+        return cfg.target_modules, feedforward
     if arch.fused_qkv:  # phi3: PEFT has no (IA)^3 default for it (k and v are fused with q) and raises
         raise PeftConfigError(
             f"(IA)^3 has no default target_modules for {arch.model_type} (PEFT has none either: k_proj and "
             "v_proj are fused into qkv_proj with q_proj); set target_modules, e.g. [qkv_proj, down_proj] "
             "(down_proj's input is scaled as PEFT's feedforward_modules default)"
         )
-    return IA3_TARGETS.get(arch.model_type, IA3_DEFAULT), IA3_FEEDFORWARD.get(
-        arch.model_type, IA3_FEEDFORWARD_DEFAULT
-    )
+    if arch.num_experts:
+        return ["k_proj", "v_proj", *feedforward], feedforward
+    return IA3_TARGETS.get(arch.model_type, IA3_DEFAULT), feedforward
 
 
 def ia3_tree(arch, targets, feedforward, dtype) -> dict:
     """Ones for every targeted projection: `scale_in` [L, in] for feed-forward modules, else `scale_out`."""
-    ff_names = {m.name for m in names.select(arch, feedforward, "feedforward_modules", linear_only=True)}
+    ff = names.select(arch, feedforward, "feedforward_modules", linear_only=True) if feedforward else []
+    ff_names = {m.name for m in ff}
     tree = {}
     for m in names.select(arch, targets, "target_modules", linear_only=True):
         lead = (arch.num_layers,) if m.per_layer else ()

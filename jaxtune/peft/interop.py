@@ -8,7 +8,9 @@ with `adapter_config`. Per method (key names as `get_peft_model_state_dict` writ
 e.g. `model.layers.0.self_attn.q_proj`, prefixed by `base_model.model.`):
 
   LORA            {m}.lora_A.weight [r, in] = our lora_aᵀ, {m}.lora_B.weight [out, r] = our lora_bᵀ,
-                  {m}.lora_magnitude_vector [out] (DoRA); embeddings {m}.lora_embedding_A [r, V] / _B [D, r]
+                  {m}.lora_magnitude_vector [out] (DoRA); embeddings {m}.lora_embedding_A [r, V] / _B [D, r];
+                  MoE (`target_parameters`, peft/experts.py): the router {m}.lora_A/B as a linear layer's, the
+                  experts model.layers.{i}.mlp.experts[.base_layer].lora_A.weight [r*E, in] / lora_B [out, r*E]
   IA3             {m}.ia3_l: [out, 1] (scaled output) or [1, in] (feed-forward input)
   PROMPT_TUNING   prompt_embeddings [P, D] (P-tuning exports its folded tokens here too: PEFT's P_TUNING
                   saves exactly this and uses it unchanged at inference)
@@ -38,6 +40,7 @@ from jaxtune.models.hf import save_model
 from jaxtune.models.model import Adapters, Model
 from jaxtune.models.safetensors_io import Lazy, write_file
 from jaxtune.peft import adapters as adapters_lib
+from jaxtune.peft import experts as experts_lib
 from jaxtune.peft import lora as lora_lib
 from jaxtune.peft import names, quant
 from jaxtune.peft.names import PeftConfigError
@@ -88,21 +91,27 @@ def _leaf(tree: dict, path) -> dict | None:
 
 def _lora_tensors(model: Model, lora: dict, spec: PeftSpec) -> tuple[list[Lazy], dict]:
     arch = model.arch
-    tensors, ranks, alphas, targets = [], {}, {}, []
+    tensors, ranks, alphas, targets, params = [], {}, {}, [], []
     for hf, group in hf_groups(arch).items():
         leaves = [(m, _leaf(lora, m.path)) for m in group]
         if all(leaf is None for _, leaf in leaves):
             continue
-        scales = {spec.scale_for(m.name) for m, leaf in leaves if leaf is not None}
+        scales = {spec.scale_for(m.scale_key) for m, leaf in leaves if leaf is not None}
         if len(scales) > 1:
             raise PeftConfigError(f"{hf}: its fused parts have different LoRA scales {sorted(scales)}")
         scale = scales.pop()
         rank = sum(leaf["lora_a"].shape[-1] for _, leaf in leaves if leaf is not None)
         m0 = group[0]
         short = short_name(m0)
-        targets.append(short)
-        ranks[short] = rank
-        alphas[short] = scale * (math.sqrt(rank) if spec.lora_rslora else rank)
+        key = f"{short}.weight" if m0.kind == "router" else short  # what PEFT matches rank_pattern keys to
+        ranks[key] = rank
+        alphas[key] = scale * (math.sqrt(rank) if spec.lora_rslora else rank)
+        if m0.kind in names.ROUTED:  # PEFT reaches these only as parameters (lora.ParamWrapper)
+            params.append(m0.param_names[0].split("{i}.", 1)[1])
+            if m0.kind == "experts":
+                continue  # written below, all expert parameters together (their keys depend on each other)
+        else:
+            targets.append(short)
         for i in layer_indices(m0, arch):
             base = f"{PREFIX}{hf.format(i=i)}"
             if m0.kind == "embedding":
@@ -139,13 +148,21 @@ def _lora_tensors(model: Model, lora: dict, spec: PeftSpec) -> tuple[list[Lazy],
             if mags:
                 mag = np.concatenate(mags)
                 tensors.append(Lazy(f"{base}.lora_magnitude_vector", mag.shape, np.float32, lambda x=mag: x))
+    for name, x in experts_lib.export(lora, arch, PREFIX)[0]:
+        tensors.append(Lazy(name, x.shape, np.float32, lambda x=x: x))
+    if params and spec.lora_dropout:
+        raise PeftConfigError(
+            f"LoRA on {', '.join(params)} (PEFT target_parameters) cannot be saved with lora_dropout="
+            f"{spec.lora_dropout}: PEFT's ParamWrapper refuses dropout"
+        )
     r = next(iter(ranks.values()))
     alpha = alphas[next(iter(alphas))]
     config = {
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": targets,
+        "target_modules": targets or None,
+        "target_parameters": params or None,
         "rank_pattern": {k: v for k, v in ranks.items() if v != r},
         "alpha_pattern": {k: v for k, v in alphas.items() if v != alpha},
         "use_rslora": spec.lora_rslora,

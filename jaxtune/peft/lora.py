@@ -10,7 +10,9 @@ model starts exactly at the base); embeddings the other way round (A = 0, B ~ N(
 `alpha_pattern` per module with PEFT's key matching. Our A is PEFT's `lora_A.weight` transposed ([in, r] vs
 [r, in]) because our kernels are [in, out]; `interop.py` converts. The head of a tied model (`lm_head`, whose
 weight is embed_tokens' matrix) takes a LoRA of its own at the decoder root, as PEFT wraps the tied head: the
-embedding stays as it is, so such a LoRA cannot be merged into the tied checkpoint.
+embedding stays as it is, so such a LoRA cannot be merged into the tied checkpoint. MoE expert parameters take
+one LoRA per expert (lora_a [L, E, in, r], lora_b [L, E, r, out]: peft/experts.py), selected by `target_modules`
+(`all-linear`, `experts.gate_up_proj`) or PEFT's `target_parameters`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jaxtune.peft import experts as experts_lib
 from jaxtune.peft import names
 from jaxtune.peft.names import PeftConfigError
 from jaxtune.peft.parts import Context, Part
@@ -39,7 +42,9 @@ def ranks_and_scales(ctx: Context, chosen: list[names.Module]) -> dict[str, tupl
     out = {}
     for m in chosen:
 
-        def lookup(pattern, default, hf, ours):
+        def lookup(pattern, default, hf, ours, router=m.kind == "router"):
+            if router:  # PEFT matches a ParamWrapper's patterns to its parameter's name
+                hf, ours = f"{hf}.weight", f"{ours}.weight"
             key = names.pattern_key(pattern, hf) or names.pattern_key(pattern, ours)
             return default if key is None else pattern[key]
 
@@ -51,7 +56,7 @@ def ranks_and_scales(ctx: Context, chosen: list[names.Module]) -> dict[str, tupl
         )
         if int(r) < 1:
             raise PeftConfigError(f"rank for {m.name} must be >= 1, got {r}")
-        out[m.name] = (int(r), float(alpha) / (math.sqrt(r) if cfg.rslora else r))
+        out[m.scale_key] = (int(r), float(alpha) / (math.sqrt(r) if cfg.rslora else r))
     return out
 
 
@@ -69,19 +74,23 @@ def pissa(kernel, r: int, scale: float):
 def build(ctx: Context) -> Part:
     cfg, arch = ctx.cfg, ctx.model.arch
     dora = cfg.dora or cfg.name == "dora"
-    chosen = names.select(arch, cfg.target_modules)
+    chosen = selected(cfg, arch)
+    experts_lib.check_lora(cfg, chosen, dora)
+    experts_lib.note_all_linear(cfg, arch, chosen)
     rs = ranks_and_scales(ctx, chosen)
     params, tree, lr = ctx.params, {}, {}
     dtype = arch.weight_dtype
     keys = jax.random.split(ctx.rng, len(chosen))
     for m, key in zip(chosen, keys):
-        r, scale = rs[m.name]
+        r, scale = rs[m.scale_key]
         lead = (arch.num_layers,) if m.per_layer else ()
         if m.kind != "linear" and (dora or cfg.pissa):
             raise PeftConfigError(
                 f"DoRA / PiSSA on {m.ours} is not supported ({_KIND[m.kind]}); target linear layers"
             )
-        if m.kind == "embedding":
+        if m.kind == "experts":
+            leaf = experts_lib.init_leaf(key, m, arch, r, dtype)
+        elif m.kind == "embedding":
             # PEFT lora.Embedding: A = 0, B ~ N(0, 1)
             leaf = {
                 "lora_a": jnp.zeros((*lead, m.in_features, r), dtype),
@@ -115,6 +124,17 @@ def build(ctx: Context) -> Part:
     }
     info = {"lora": {name: r for name, (r, _) in rs.items()}}
     return Part(trainable={"lora": tree}, spec=spec, lr={"lora": lr} if lr else {}, params=params, info=info)
+
+
+def selected(cfg, arch) -> list[names.Module]:
+    """target_modules' modules and target_parameters' (PEFT: both may be given), in `names.modules` order."""
+    chosen = names.select(arch, cfg.target_modules) if len(cfg.target_modules) else []
+    chosen += names.select_parameters(arch, cfg.target_parameters) if cfg.target_parameters else []
+    if not chosen:
+        raise PeftConfigError(
+            "LoRA selects nothing: set target_modules (e.g. all-linear) or target_parameters"
+        )
+    return [m for m in names.modules(arch) if m in chosen]
 
 
 def has_leaf(lora: dict, path: tuple[str, ...]) -> bool:
@@ -165,7 +185,7 @@ def _adapted(lora: dict, spec, arch):
                 f"change {'the lm_head' if m.kind == 'embedding' else 'embed_tokens'}, which the adapter never "
                 "did. Export the adapter instead (save_adapter)"
             )
-        yield m, leaf, spec.scale_for(m.name)
+        yield m, leaf, spec.scale_for(m.scale_key)
 
 
 def merge(params: dict, lora: dict, spec, arch, return_norms: bool = False):
@@ -183,7 +203,7 @@ def merge(params: dict, lora: dict, spec, arch, return_norms: bool = False):
                 params, path, (base.astype(jnp.float32) + delta(leaf, scale)).astype(base.dtype)
             )
             continue
-        path = (*m.path, "kernel")
+        path = names.param_path(m)  # a kernel, or a stacked expert parameter [L, E, in, out]
         base = names.get_path(params, path)
         merged = base.astype(jnp.float32) + delta(leaf, scale)
         if "magnitude" in leaf:
@@ -197,7 +217,7 @@ def merge(params: dict, lora: dict, spec, arch, return_norms: bool = False):
 def unmerge(params: dict, lora: dict, spec, arch, norms: dict | None = None) -> dict:
     """Inverse of `merge` (exact up to rounding); DoRA needs the `norms` that `merge` returned."""
     for m, leaf, scale in _adapted(lora, spec, arch):
-        path = (*m.path, "embedding" if m.kind == "embedding" else "kernel")
+        path = names.param_path(m)
         merged = names.get_path(params, path).astype(jnp.float32)
         if "magnitude" in leaf:
             if norms is None:

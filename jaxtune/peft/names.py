@@ -11,6 +11,15 @@ modules of their own, `self_attn.qkv_proj` and `mlp.gate_up_proj`, and so do we 
 them is one LoRA (one A shared by q, k and v), as PEFT's; a config naming `q_proj`, `gate_proj`, ... on such a
 model is an error pointing to the fused name, never a silently smaller selection.
 
+Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE) have no per-expert modules: as in transformers 5, each
+layer's `mlp.experts` holds two stacked parameters, `gate_up_proj` and `down_proj` (kind "experts", adapted by
+PEFT's `target_parameters` / `ParamWrapper`, see peft/experts.py), and a router `mlp.gate` (kind "router", a
+custom module in transformers 5 that PEFT reaches as the parameter `mlp.gate.weight`). `all-linear` selects every
+linear layer (attention, Qwen2-MoE's shared expert and its gate) and the expert parameters, but never the router
+(`ALL_LINEAR_ROUTER`): routing is left as trained unless `gate` is named. (PEFT's own `all-linear` differs per
+family here: on Mixtral / Qwen3-MoE it also adapts the router and gives gate_up_proj rank 2r, on Qwen2-MoE it skips
+the experts; saved adapters list their targets explicitly, so interop is exact either way.)
+
 Layers are stacked (`nn.scan`), so a selection must be the same in every layer: a per-layer choice is an error
 that says so, never a silent approximation. (Loading a PEFT adapter whose `rank_pattern` / `alpha_pattern`
 name single layers is exact all the same: adapter_load.py pads the ranks and folds the scales.)
@@ -43,7 +52,8 @@ class Module:
     part: tuple[int, int] | None = None  # (index, parts) of a module fused along its output (GPT-2 c_attn)
     fan_in_fan_out: bool = False  # HF stores the weight [in, out] (GPT-2 Conv1D)
     kind: str = "linear"  # or "embedding", or "tied_head": the output head of a tied model (no kernel of
-    # its own: embed_tokens' matrix transposed), which only LoRA can adapt
+    # its own: embed_tokens' matrix transposed), which only LoRA can adapt; "router": an MoE router (a Proj,
+    # selected only by name); "experts": a stacked expert parameter [E, in, out] (in/out_features per expert)
 
     @property
     def name(self) -> str:
@@ -56,6 +66,59 @@ class Module:
     def names(self, i: int | None) -> tuple[str, str]:
         return self.hf.format(i=i), self.ours.format(i=i)
 
+    @property
+    def scale_key(self) -> str:
+        """Its `PeftSpec.lora_scale` key: the module name, `experts.<param>` for expert parameters (which must not
+        collide with an ordinary Proj named alike, e.g. Phi-3's `mlp.gate_up_proj`)."""
+        return f"experts.{self.name}" if self.kind == "experts" else self.name
+
+    def pattern_names(self, i: int | None) -> tuple[str, str]:
+        """The names rank_pattern / alpha_pattern keys match: PEFT's `current_key`, the module name, or for a
+        ParamWrapper the parameter's (the router: `model.layers.0.mlp.gate.weight`)."""
+        if self.kind == "router":
+            return f"{self.hf.format(i=i)}.weight", f"{self.ours.format(i=i)}.weight"
+        return self.names(i)
+
+    @property
+    def param_names(self) -> tuple[str, str]:
+        """The HF parameter PEFT's `target_parameters` matches (`...mlp.experts.gate_up_proj`, `...q_proj.weight`),
+        HF's and ours, "{i}" = layer index."""
+        if self.kind == "experts":
+            return self.hf, self.ours
+        return f"{self.hf}.weight", f"{self.ours}.weight"
+
+
+ROUTED = ("experts", "router")  # kinds PEFT adapts only through target_parameters (ParamWrapper)
+ALL_LINEAR_ROUTER = False  # all-linear leaves the MoE router frozen (see the module docstring)
+# transformers-4 names of Mixtral / Qwen-MoE expert linears, which transformers 5 fused into `mlp.experts`
+V4_EXPERT_NAMES = ("w1", "w2", "w3", "gate_proj", "up_proj")
+
+
+def param_path(m: Module) -> tuple[str, ...]:
+    """Where module m's base weight lives in params: the kernel, embedding, or the expert parameter itself."""
+    if m.kind == "experts":
+        return m.path
+    return (*m.path, "embedding" if m.kind == "embedding" else "kernel")
+
+
+def _moe_projs(arch: ArchConfig) -> list[tuple[tuple[str, ...], int, int, str]]:
+    """(path under layers, in, out, kind) of an MoE block's adaptable weights, in transformers' module order."""
+    d, e, f = arch.hidden_size, arch.num_experts, arch.moe_intermediate_size
+    out = [
+        (("mlp", "gate"), d, e, "router"),
+        (("mlp", "experts", "gate_up_proj"), d, 2 * f, "experts"),
+        (("mlp", "experts", "down_proj"), f, d, "experts"),
+    ]
+    if arch.shared_expert_size:
+        s = arch.shared_expert_size
+        out += [
+            (("mlp", "shared_expert", "gate_proj"), d, s, "linear"),
+            (("mlp", "shared_expert", "up_proj"), d, s, "linear"),
+            (("mlp", "shared_expert", "down_proj"), s, d, "linear"),
+            (("mlp", "shared_expert_gate"), d, 1, "linear"),
+        ]
+    return out
+
 
 def modules(arch: ArchConfig) -> list[Module]:
     """Every module LoRA / (IA)^3 / BitFit can adapt, in a fixed order."""
@@ -66,12 +129,10 @@ def modules(arch: ArchConfig) -> list[Module]:
         projs = [("self_attn", "qkv_proj", d, q + 2 * kv)]
     projs.append(("self_attn", "o_proj", q, d))
     if arch.fused_gate_up:  # phi3
-        projs.append(("mlp", "gate_up_proj", d, 2 * f))
-    elif arch.gated_mlp:
-        projs += [("mlp", "gate_proj", d, f), ("mlp", "up_proj", d, f)]
-    else:
-        projs.append(("mlp", "up_proj", d, f))
-    projs.append(("mlp", "down_proj", f, d))
+        projs += [("mlp", "gate_up_proj", d, 2 * f), ("mlp", "down_proj", f, d)]
+    elif not arch.num_experts:  # an MoE block's weights (`_moe_projs`) follow the attention ones
+        projs += [("mlp", "gate_proj", d, f)] if arch.gated_mlp else []
+        projs += [("mlp", "up_proj", d, f), ("mlp", "down_proj", f, d)]
     ours = {name: f"model.layers.{{i}}.{parent}.{name}" for parent, name, _, _ in projs}
     out = []
     if arch.model_type == "gpt2":
@@ -92,6 +153,9 @@ def modules(arch: ArchConfig) -> list[Module]:
     else:
         for parent, name, i, o in projs:
             out.append(Module(("layers", parent, name), ours[name], ours[name], i, o))
+        for rel, i, o, kind in _moe_projs(arch) if arch.num_experts else []:
+            hf = f"model.layers.{{i}}.{'.'.join(rel)}"
+            out.append(Module(("layers", *rel), hf, hf, i, o, kind=kind))
         embed = "model.embed_tokens"
     head = "linear" if not arch.tie_word_embeddings else "tied_head"
     out.append(Module(("lm_head",), "lm_head", "lm_head", d, arch.vocab_size, kind=head))
@@ -159,8 +223,34 @@ def check_unfused(arch: ArchConfig, target, what: str) -> None:
             )
 
 
+def _all_linear(m: Module) -> bool:
+    """What `all-linear` selects: every linear layer but the output head, the expert parameters, not the router."""
+    return (
+        (m.kind == "linear" and m.path != ("lm_head",))
+        or m.kind == "experts"
+        or (m.kind == "router" and ALL_LINEAR_ROUTER)
+    )
+
+
+def _check_v4_names(arch: ArchConfig, target, what: str) -> None:
+    """PEFT maps transformers-4 expert names (Mixtral w1/w2/w3, Qwen gate_proj/up_proj) onto the fused experts; here
+    a name that matches nothing on an MoE model is an error rather than silently nothing."""
+    if not arch.num_experts or isinstance(target, str):
+        return
+    known = [n for m in modules(arch) for n in m.names(0)]
+    for t in target:
+        if t in V4_EXPERT_NAMES and not any(matches([t], n) for n in known):
+            raise PeftConfigError(
+                f"{what} names {t!r}, a transformers-4 expert projection: this {arch.model_type} model's experts are "
+                "the fused parameters experts.gate_up_proj and experts.down_proj (name those, or use "
+                "target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj])"
+            )
+
+
 def select(arch: ArchConfig, target, what: str = "target_modules", linear_only: bool = False) -> list[Module]:
-    """The modules a PEFT-style `target_modules` selects (the same in every layer, or an error)."""
+    """The modules a PEFT-style `target_modules` selects (the same in every layer, or an error).
+
+    `linear_only` ((IA)^3, BitFit): projections only; naming an MoE expert parameter or router is an error."""
     if target is None or (not isinstance(target, str) and len(target) == 0):
         raise PeftConfigError(f"{what} is empty: name modules such as ['q_proj', 'v_proj'] or 'all-linear'")
     if isinstance(target, str) and target != ALL_LINEAR:
@@ -168,16 +258,24 @@ def select(arch: ArchConfig, target, what: str = "target_modules", linear_only: 
     elif not isinstance(target, str):
         target = [str(t) for t in target]
     check_unfused(arch, target, what)
+    _check_v4_names(arch, target, what)
+    all_linear = target == ALL_LINEAR or (not isinstance(target, str) and ALL_LINEAR in target)
     chosen = []
     for m in modules(arch):
-        if target == ALL_LINEAR or (not isinstance(target, str) and ALL_LINEAR in target):
-            hit = m.kind == "linear" and m.path != ("lm_head",)
+        if all_linear:
+            hit = _all_linear(m) and not (linear_only and m.kind in ROUTED)
         else:
             hit = layer_uniform(arch, m, lambda hf, ours: matches(target, hf) or matches(target, ours), what)
         if hit and linear_only and m.kind == "tied_head":
             raise PeftConfigError(
                 f"{what}={target!r} selects the tied lm_head, which only LoRA can adapt (its weight is "
                 "embed_tokens'); leave lm_head out"
+            )
+        if hit and linear_only and m.kind in ROUTED:
+            raise PeftConfigError(
+                f"{what}={target!r} selects {m.ours.format(i='N')}, an MoE {m.kind} weight, which only LoRA can "
+                "adapt (PEFT's (IA)^3 and jaxtune's BitFit work on linear layers); name linear layers only"
+                + (" (e.g. shared_expert.down_proj)" if arch.shared_expert_size else "")
             )
         if hit and not (linear_only and m.kind != "linear"):
             chosen.append(m)
@@ -188,6 +286,37 @@ def select(arch: ArchConfig, target, what: str = "target_modules", linear_only: 
             f"{', '.join(names)} (or 'all-linear')"
         )
     return chosen
+
+
+def select_parameters(arch: ArchConfig, target, what: str = "target_parameters") -> list[Module]:
+    """The modules whose weight PEFT's `target_parameters` names (`LoraConfig.target_parameters`: each entry the
+    full parameter name or a `.`-suffix of it, e.g. `mlp.experts.gate_up_proj`, `mlp.gate.weight`). Every entry
+    must name a parameter of this model (PEFT only requires one to)."""
+    target = [str(t) for t in target or ()]
+    mods = [m for m in modules(arch) if m.kind in ("linear", *ROUTED)]
+    chosen = []
+    for t in target:
+        hits = [
+            m
+            for m in mods
+            if any(matches([t], n) for n in (m.param_names[0].format(i=0), m.param_names[1].format(i=0)))
+        ]
+        if not hits:
+            params = sorted({m.param_names[0].split("{i}.", 1)[-1] for m in mods})
+            raise PeftConfigError(
+                f"{what} entry {t!r} names no parameter of this {arch.model_type} model; parameters: "
+                f"{', '.join(params)}"
+            )
+        chosen += [m for m in hits if m not in chosen]
+    return [m for m in modules(arch) if m in chosen]  # in the fixed order
+
+
+def has_path(tree: dict, path: tuple[str, ...]) -> bool:
+    try:
+        get_path(tree, path)
+    except (KeyError, TypeError):
+        return False
+    return True
 
 
 def get_path(tree: dict, path: tuple[str, ...]):

@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from jaxtune.models.arch import ArchConfig, PeftSpec
 from jaxtune.models.model import Adapters, Model, with_peft
-from jaxtune.peft import adapters, lora, names, prompts, quant, select
+from jaxtune.peft import adapters, experts, lora, names, prompts, quant, select
 from jaxtune.peft.names import PeftConfigError
 from jaxtune.peft.parts import Context, Part
 from jaxtune.peft.settings import SELECTION, method_config, methods_of
@@ -197,6 +197,7 @@ def prepare(
                 "PiSSA with a quantised base is not supported (its adapter could not be exported relative to the "
                 "original weights): set method.pissa=false or model.quantization=none"
             )
+        experts.log_unquantized(arch)
         if qvars is None:
             params, qvars = quant.quantize_params(params, arch, quantization, quant_block_size, double_quant)
     base_for_init = params

@@ -27,7 +27,8 @@ from flax import traverse_util
 
 from jaxtune.models import adapters_hook
 from jaxtune.models.families import TensorMap, arch_from_hf, tensor_maps
-from jaxtune.models.hf import load_tokenizer, read_hf_config
+from jaxtune.models.family_moe import checkpoint_maps
+from jaxtune.models.hf import _layer_tensor, load_tokenizer, read_hf_config
 from jaxtune.models.model import Model
 from jaxtune.models.safetensors_io import SafetensorsReader
 from jaxtune.peft import names
@@ -116,8 +117,9 @@ def check(fmt: str, block_size: int) -> None:
 
 
 def quantized_modules(arch) -> list[names.Module]:
-    """The kernels QLoRA stores quantised: every linear layer in the blocks (bitsandbytes keeps lm_head)."""
-    return [m for m in names.modules(arch) if m.per_layer]
+    """The kernels QLoRA stores quantised: every linear layer in the blocks (bitsandbytes keeps lm_head, and an MoE
+    model's router and expert parameters, which are not nn.Linear in transformers 5: see experts.log_unquantized)."""
+    return [m for m in names.modules(arch) if m.per_layer and m.kind == "linear"]
 
 
 def quantize_params(params: dict, arch, fmt: str, block_size: int = 64, double_quant: bool = False):
@@ -179,15 +181,18 @@ def load_quantized(path, fmt: str = "nf4", block_size: int = 64, double_quant: b
     flat, quant = {}, {}
 
     def read(m: TensorMap, i=None):
+        if m.experts:  # a stacked MoE expert leaf, assembled from per-expert tensors as load_params does
+            return np.asarray(_layer_tensor(reader, m, i, (slice(None),)), np.float32)
         t = np.asarray(reader.get(m.hf.format(i=i)), np.float32)
         if m.part is not None:
             k, n = m.part
             t = t[..., k * t.shape[-1] // n : (k + 1) * t.shape[-1] // n]
-        return t.T if m.transpose else t
+        return np.swapaxes(t, -1, -2) if m.transpose else t  # [E, out, in] fused experts too
 
-    for m in tensor_maps(arch):
-        if m.hf.format(i=0) not in reader:
-            raise PeftConfigError(f"{path}: missing tensor {m.hf.format(i=0)}")
+    for m in checkpoint_maps(arch, tensor_maps(arch), reader):  # MoE: the legacy or the fused expert layout
+        missing = [n for n in m.names(0) if n not in reader]
+        if missing:
+            raise PeftConfigError(f"{path}: missing tensor {missing[0]}")
         if m.path in quantized:
             layers = [quantize(read(m, i), fmt, block_size, double_quant) for i in range(arch.num_layers)]
             quant = names.set_path(quant, m.path[:-1], jax.tree.map(lambda *xs: jnp.stack(xs), *layers))

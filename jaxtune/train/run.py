@@ -112,7 +112,11 @@ def _adapt(cfg, method: Method, model, train_it=None, eval_it=None, abstract: bo
     plan = peft.prepare(model, cfg.method, jax.random.PRNGKey(cfg.seed), quantization=m.quantization,
                         double_quant=m.double_quant, quant_block_size=m.quant_block_size)  # fmt: skip
     neftune = 0.0 if method.rl else (t.neftune_alpha or 0.0)  # noise on the embeddings of SFT-style stages only
-    lm = LM(model.arch.replace(peft=plan.spec, neftune_alpha=neftune), chunk=t.loss_chunk_size)
+    moe = {}  # mixture of experts: the router loss weights, from the run config over the checkpoint's
+    if model.arch.num_experts:
+        aux = model.arch.router_aux_loss_coef if m.moe_aux_loss_coef is None else m.moe_aux_loss_coef
+        moe = dict(router_aux_loss_coef=float(aux), router_z_loss_coef=float(m.moe_z_loss_coef))
+    lm = LM(model.arch.replace(peft=plan.spec, neftune_alpha=neftune, **moe), chunk=t.loss_chunk_size)
     prepared = Prepared(plan.trainable, plan.frozen, plan.lr_multipliers, train_it, eval_it)
     if method.prepare is not None:
         prepared = method.prepare(Prepare(cfg, lm, model, plan, prepared.trainable, prepared.frozen,

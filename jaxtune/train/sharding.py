@@ -89,7 +89,8 @@ def logical_axes(collections: dict, arch) -> dict:
         if rest in base and len(base[rest]) == np.ndim(leaf):
             return PartitionSpec(*base[rest])
         module, name = rest[:-1], rest[-1]
-        weight = base.get((*module, "kernel"), base.get((*module, "embedding")))
+        # the adapted weight: a module's kernel / embedding, or a bare parameter (MoE experts' gate_up_proj)
+        weight = base.get((*module, "kernel"), base.get((*module, "embedding"), base.get(module)))
         if weight is None and collection in ("params", "reference"):
             unknown.append(("/".join(keys), int(np.prod(np.shape(leaf)))))
         return PartitionSpec(*_adapter_axes(collection, name, np.ndim(leaf), weight))

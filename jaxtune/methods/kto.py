@@ -112,8 +112,13 @@ def loss_fn(lm, variables, batch: KTOBatch, rng, cfg, train: bool = True):
     both = jax.tree.map(
         lambda a, c: jnp.concatenate([a, c]), tb, kl_batch
     )  # [2B, T]: one pass for each model
-    stats, moe_losses = lm.stats_moe(policy_vars, both, rng, train=train)
-    logps, _ = trained_logps(stats, both)
+    if lm.arch.num_experts:  # TRL: the router loss of the completions' forward only, the KL rows apart
+        stats, moe_losses = lm.stats_moe(policy_vars, tb, rng, train=train)
+        kl_logps, _ = sequence_logps_of(lm, policy_vars, kl_batch, rng, train)
+        logps = jnp.concatenate([trained_logps(stats, tb)[0], kl_logps])
+    else:  # one pass over both
+        logps, _ = sequence_logps_of(lm, policy_vars, both, rng, train)
+        moe_losses = None
     ref, _ = sequence_logps_of(lm, ref_vars, both)
     ref = jax.lax.stop_gradient(ref)
     policy, policy_kl, ref, ref_kl = logps[:b], logps[b:], ref[:b], ref[b:]

@@ -21,6 +21,8 @@ load-balancing loss exactly as transformers' `load_balancing_loss_func` and the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -110,7 +112,7 @@ def moe_losses(arch: ArchConfig, stats) -> dict:
 
 def _unbox_tuple(tree):
     """Sown values are tuples (one entry per `sow`); flatten_dict sees them as leaves, so open them."""
-    if isinstance(tree, dict):
+    if isinstance(tree, Mapping):  # dict or FrozenDict
         return {k: _unbox_tuple(v) for k, v in tree.items()}
     if isinstance(tree, tuple):
         return {str(i): _unbox_tuple(v) for i, v in enumerate(tree)}

@@ -32,7 +32,7 @@ def family_of(path: str) -> str | None:
 
 def test_configs_exist_for_every_family_and_stage():
     families = {family_of(p) for p in CONFIGS} - {None}
-    assert families >= {"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2"}, sorted(families)
+    assert families >= {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2"}, sorted(families)
     stages = {Path(p).parent.name for p in CONFIGS}
     assert stages >= {"sft", "pt"}, sorted(stages)
 

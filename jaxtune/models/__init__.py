@@ -1,4 +1,4 @@
-"""Decoder-only model families (Llama, Mistral, Qwen2/3, Gemma, GPT-2) as one functional Flax decoder."""
+"""Decoder-only model families (Llama, Mistral, Qwen2/3, Gemma 1-3, GPT-2) as one functional Flax decoder."""
 
 from jaxtune.models.arch import ArchConfig, PeftSpec
 from jaxtune.models.families import SUPPORTED, UnsupportedModelError, arch_from_hf

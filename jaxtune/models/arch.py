@@ -1,13 +1,16 @@
 """`ArchConfig`: the sizes and switches of a decoder-only transformer, the only config layers ever see.
 
-One decoder serves every supported family (Llama 1-3.2, Mistral, Qwen2/2.5, Qwen3, Gemma, GPT-2); what differs
-between them is expressed here as switches (norm type, activation, biases, q/k norm, positions, RoPE scaling,
-tied head, sliding windows). `families.py` maps a Hugging Face `config.json` onto these fields.
+One decoder serves every supported family (Llama 1-3.2, Mistral, Qwen2/2.5, Qwen3, Gemma, Gemma 2, Gemma 3 text,
+GPT-2); what differs between them is expressed here as switches (norm type, activation, biases, q/k norm, positions,
+RoPE scaling, a second RoPE for sliding-window layers, tied head, sliding windows, the sandwich norms of Gemma 2/3,
+tanh soft-capping of attention and output logits, the attention scale). `families.py` maps a Hugging Face
+`config.json` onto these fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -72,6 +75,13 @@ class ArchConfig:
     tie_word_embeddings: bool = False
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
     layer_windows: tuple[int, ...] = ()  # per-layer sliding window (0 = full attention); () = all full
+    # Gemma 3: the sliding-window layers rotate with their own RoPE (base and scaling); 0 = every layer uses the above
+    rope_local_theta: float = 0.0
+    rope_local_scaling: tuple[tuple[str, object], ...] = ()
+    sandwich_norms: bool = False  # Gemma 2/3: norms on the attention / MLP outputs too (4 per block)
+    query_pre_attn_scalar: float = 0.0  # Gemma 2/3: attention scale query_pre_attn_scalar**-0.5; 0 = head_dim**-0.5
+    attn_softcap: float = 0.0  # Gemma 2: attention logits -> cap * tanh(logits / cap) before the mask; 0 = off
+    final_softcap: float = 0.0  # Gemma 2/3: the same on the LM head's output logits; 0 = off
     # --- runtime switches (not from HF) ---
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -107,6 +117,13 @@ class ArchConfig:
     def rope(self) -> dict:
         return dict(self.rope_scaling)
 
+    @property
+    def attn_scale(self) -> float:
+        """The softmax scale of the attention logits (jax.nn.dot_product_attention's default unless Gemma 2/3)."""
+        if self.query_pre_attn_scalar:
+            return float(self.query_pre_attn_scalar) ** -0.5
+        return 1.0 / math.sqrt(self.head_dim)
+
     def replace(self, **changes) -> ArchConfig:
         return dataclasses.replace(self, **changes)
 
@@ -127,7 +144,8 @@ class ArchConfig:
         mlp = d * f * (3 if self.gated_mlp else 2) + (
             f * (2 if self.gated_mlp else 1) + d if self.mlp_bias else 0
         )
-        norms = 2 * d * (2 if self.norm == "layer" else 1) + (2 * hd if self.qk_norm else 0)
+        norms = (4 if self.sandwich_norms else 2) * d * (2 if self.norm == "layer" else 1)
+        norms += 2 * hd if self.qk_norm else 0
         n = self.num_layers * (attn + mlp + norms) + d * (2 if self.norm == "layer" else 1)
         if include_embeddings:
             n += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)

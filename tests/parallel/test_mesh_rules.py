@@ -386,7 +386,9 @@ def one_trace_per_arch(monkeypatch):
 _abstract_variables: dict = {}
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gpt2"])
+@pytest.mark.parametrize(
+    "family", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2"]
+)
 def test_every_leaf_of_the_real_trees_is_sharded_by_the_rules(eight_devices, one_trace_per_arch, family):
     """For every plan of `PLANS` on every mesh of `MESHES`: each leaf's spec is the hand table applied to the
     axes its path implies; every sharded dim is divisible by its mesh axes; every base kernel, embedding and
@@ -398,7 +400,7 @@ def test_every_leaf_of_the_real_trees_is_sharded_by_the_rules(eight_devices, one
     from jaxtune.train.sharding import LARGE_REPLICATED, run_shardings
     from jaxtune.treepath import path_keys
 
-    assert set(FAMILIES) == {"llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gpt2"}, (
+    assert set(FAMILIES) == {"llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2"}, (
         "add the new family"
     )
     seen_collections = set()

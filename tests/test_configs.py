@@ -34,8 +34,8 @@ def family_of(path: str) -> str | None:
 
 def test_configs_exist_for_every_family_and_stage():
     families = {family_of(p) for p in CONFIGS} - {None}
-    assert families >= {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "mixtral", "qwen2_moe",
-                        "qwen3_moe"}, sorted(families)  # fmt: skip
+    assert families >= {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "mixtral",
+                        "qwen2_moe", "qwen3_moe"}, sorted(families)  # fmt: skip
     stages = {Path(p).parent.name for p in CONFIGS}
     assert stages >= {"sft", "pt"}, sorted(stages)
 

@@ -61,6 +61,35 @@ FAMILIES = {
         **PHI,
         **COMMON,
     ),
+    # Gemma 2: sandwich norms, layer 0 sliding (window 4 < the tests' 12 tokens) and layer 1 global (transformers'
+    # default pattern), attention scale 24**-0.5 (not head_dim's), attention and final-logit soft-caps small
+    # enough to bend the perturbed weights' logits
+    "gemma2": dict(
+        model_type="gemma2",
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=4,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0,
+        **COMMON,
+    ),
+    # Gemma 3 (text): q/k norms, two sliding layers then a global one, the sliding layers' own RoPE base, linear
+    # RoPE scaling on the global layer only, final-logit soft-cap (given as the older rope keys; the saved
+    # config.json has transformers 5's per-layer-type rope_parameters)
+    "gemma3": dict(
+        model_type="gemma3_text",
+        num_key_value_heads=2,
+        head_dim=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        sliding_window=4,
+        rope_theta=10000.0,
+        rope_local_base_freq=100.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        query_pre_attn_scalar=24,
+        final_logit_softcapping=5.0,
+        **dict(COMMON, num_hidden_layers=3),
+    ),
     "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64),
     # mixtures of experts: 4 experts, top-2, experts of 32 (Mixtral: intermediate_size is the expert size)
     "mixtral": dict(
@@ -88,6 +117,25 @@ def build_hf(family: str, seed: int = 0, **overrides):
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def build_hf_gemma3_multimodal(seed: int = 0, **text_overrides):
+    """A perturbed random Gemma3ForConditionalGeneration (eval, fp32): FAMILIES["gemma3"] as its text_config, a
+    one-layer SigLIP vision tower and the projector (tensors a language-model load must leave alone)."""
+    import torch
+    from transformers import AutoConfig, Gemma3ForConditionalGeneration
+
+    text = {**FAMILIES["gemma3"], **text_overrides}
+    text_config = AutoConfig.for_model(text.pop("model_type"), **text).to_dict()
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    config = AutoConfig.for_model("gemma3", text_config=text_config, vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)

@@ -1,4 +1,4 @@
-"""Decoder-only model families (Llama, Mistral, Qwen2/3, Gemma, Phi-3/4, GPT-2; Mixtral, Qwen2/3-MoE) as one
+"""Decoder-only model families (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3/4, GPT-2; Mixtral, Qwen2/3-MoE) as one
 Flax decoder."""
 
 from jaxtune.models import family_moe  # noqa: F401  (registers mixtral, qwen2_moe, qwen3_moe with families)

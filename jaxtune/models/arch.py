@@ -1,14 +1,17 @@
 """`ArchConfig`: the sizes and switches of a decoder-only transformer, the only config layers ever see.
 
-One decoder serves every supported family (Llama 1-3.2, Mistral, Qwen2/2.5, Qwen3, Gemma, Phi-3/Phi-4, GPT-2);
-what differs between them is expressed here as switches (norm type, activation, biases, q/k norm, positions,
-RoPE scaling, partial rotary, fused projections, tied head, sliding windows). `families.py` maps a Hugging Face
+One decoder serves every supported family (Llama 1-3.2, Mistral, Qwen2/2.5, Qwen3, Gemma, Gemma 2, Gemma 3 text,
+Phi-3/Phi-4, GPT-2, and the mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE); what differs between them is expressed
+here as switches (norm type, activation, biases, q/k norm, positions, RoPE scaling, partial rotary, a second RoPE
+for sliding-window layers, fused projections, tied head, sliding windows, the sandwich norms of Gemma 2/3, tanh
+soft-capping of attention and output logits, the attention scale, routed experts). `families.py` maps a Hugging Face
 `config.json` onto these fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -84,6 +87,13 @@ class ArchConfig:
     shared_expert_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert; 0 = none
     router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training
     router_z_loss_coef: float = 0.0  # weight of the router z-loss in training
+    # Gemma 3: the sliding-window layers rotate with their own RoPE (base and scaling); 0 = every layer uses the above
+    rope_local_theta: float = 0.0
+    rope_local_scaling: tuple[tuple[str, object], ...] = ()
+    sandwich_norms: bool = False  # Gemma 2/3: norms on the attention / MLP outputs too (4 per block)
+    query_pre_attn_scalar: float = 0.0  # Gemma 2/3: attention scale query_pre_attn_scalar**-0.5; 0 = head_dim**-0.5
+    attn_softcap: float = 0.0  # Gemma 2: attention logits -> cap * tanh(logits / cap) before the mask; 0 = off
+    final_softcap: float = 0.0  # Gemma 2/3: the same on the LM head's output logits; 0 = off
     # --- runtime switches (not from HF) ---
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -121,6 +131,13 @@ class ArchConfig:
     def rope(self) -> dict:
         return dict(self.rope_scaling)
 
+    @property
+    def attn_scale(self) -> float:
+        """The softmax scale of the attention logits (jax.nn.dot_product_attention's default unless Gemma 2/3)."""
+        if self.query_pre_attn_scalar:
+            return float(self.query_pre_attn_scalar) ** -0.5
+        return 1.0 / math.sqrt(self.head_dim)
+
     def replace(self, **changes) -> ArchConfig:
         return dataclasses.replace(self, **changes)
 
@@ -143,7 +160,8 @@ class ArchConfig:
         )
         if self.num_experts:  # router + every expert (total, not active: see active_params)
             mlp = self._moe_mlp(self.num_experts)
-        norms = 2 * d * (2 if self.norm == "layer" else 1) + (2 * hd if self.qk_norm else 0)
+        norms = (4 if self.sandwich_norms else 2) * d * (2 if self.norm == "layer" else 1)
+        norms += 2 * hd if self.qk_norm else 0
         n = self.num_layers * (attn + mlp + norms) + d * (2 if self.norm == "layer" else 1)
         if include_embeddings:
             n += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)

@@ -5,15 +5,19 @@
     pallas_gpu  the Pallas (Triton) flash kernel over segment ids (GPU; attention_gpu.attend_gpu)
     cudnn       cuDNN flash attention for rows of one document each, else the Pallas kernel (GPU;
                 attention_gpu.attend_cudnn, which checks that on the device; what cuDNN cannot take
-                statically, fp32 or heads over 128, goes to pallas_gpu with one logged line)
+                statically, fp32, heads over 128 or a soft-cap, goes to pallas_gpu with one logged line)
     auto        by `jax.default_backend()`: tpu -> splash, gpu -> pallas_gpu, otherwise xla
 
 The kernels never see a `T x T` mask: the decoder hands every layer the segment ids (`inputs`), and the dense
 mask is built only for xla and for what a kernel cannot serve, which falls back to xla with one logged line
 per trace: KV-cache decode steps (attending over cache slots under the caller's mask), prefix tuning (learned
-keys every query sees) and prompt tuning (virtual tokens, segment -1, that every document sees). Sliding windows are static in the kernels; a per-layer window under `nn.scan` is a traced scalar, so
-the layer picks among one kernel per distinct window of `ArchConfig.layer_windows` with `lax.switch` (Qwen2
-has two: full and windowed). Under a mesh a kernel runs per shard in `shard_map`: batch over (data, fsdp),
+keys every query sees) and prompt tuning (virtual tokens, segment -1, that every document sees). Gemma 2's
+attention-logit soft-cap (`ArchConfig.attn_softcap`) runs in splash and the Pallas GPU kernel; cuDNN has none
+(its passes go to pallas_gpu with one line), and on xla, whose `jax.nn.dot_product_attention` cannot soft-cap,
+the softmax is written out (`_softcapped`). Every path scales the logits by `ArchConfig.attn_scale`. Sliding
+windows are static in the kernels; a per-layer window under `nn.scan` is a traced scalar, so the layer picks
+among one kernel per distinct window of `ArchConfig.layer_windows` with `lax.switch` (Qwen2 and Gemma 2/3 have
+two: full and windowed). Under a mesh a kernel runs per shard in `shard_map`: batch over (data, fsdp),
 heads over tensor, as `parallel/rules.py` places the activations.
 """
 
@@ -105,7 +109,7 @@ def _unserved(arch: ArchConfig, impl: str, seq_len: int, decoding: bool) -> str 
             reason = (
                 gpu.gpu_unsupported(**shape)
                 if impl == "pallas_gpu"
-                else gpu.cudnn_unsupported(dtype=arch.compute_dtype, **shape)
+                else gpu.cudnn_unsupported(dtype=arch.compute_dtype, softcap=arch.attn_softcap, **shape)
             )
             if reason:
                 return reason
@@ -157,7 +161,10 @@ def attend(arch: ArchConfig, attn: Inputs, q, k, v, window, q_pos, k_pos) -> jax
         if window is not None:
             dist = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
             mask = mask & ((window <= 0) | (dist < window))[:, None]
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        if arch.attn_softcap:
+            return _softcapped(q, k, v, mask, arch.attn_scale, arch.attn_softcap)
+        scale = arch.attn_scale if arch.query_pre_attn_scalar else None  # None: 1 / sqrt(head_dim), its default
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     windows = _windows(arch) if window is not None else (None,)
     index = jnp.zeros((), jnp.int32)
     if len(windows) > 1:  # this layer's window among the model's distinct ones
@@ -165,9 +172,23 @@ def attend(arch: ArchConfig, attn: Inputs, q, k, v, window, q_pos, k_pos) -> jax
     return sharded(_kernel_fn(arch, attn.impl, windows), q, k, v, attn.segment_ids, index)
 
 
+def _softcapped(q, k, v, mask, scale: float, cap: float) -> jax.Array:
+    """softmax(cap * tanh(scale * q k^T / cap), masked) v, as HF's eager Gemma 2 attention: q [B, T, N, H],
+    k/v [B, S, K, H] (query head n reads KV head n // (N / K)), mask [B, 1, T, S] -> [B, T, N, H]. Logits and
+    softmax in fp32, the probabilities cast to v's dtype for the second matmul (jax.nn's xla path does the same)."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = cap * jnp.tanh(logits / cap)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)  # [B, 1, 1, T, S] mask
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h).astype(q.dtype)
+
+
 def _kernel_fn(arch: ArchConfig, impl: str, windows: tuple[int | None, ...]):
     """fn(q, k, v, segment_ids, index) on one shard: the kernel with the index-th static window."""
-    scale = 1.0 / math.sqrt(arch.head_dim)  # as jax.nn.dot_product_attention's default on the xla path
+    scale = arch.attn_scale  # 1 / sqrt(head_dim), jax.nn.dot_product_attention's default, unless Gemma 2/3
     if impl == "splash":
         from jaxtune.models.attention_tpu import attend_tpu
 
@@ -177,6 +198,8 @@ def _kernel_fn(arch: ArchConfig, impl: str, windows: tuple[int | None, ...]):
     else:
         kernel = _gpu_kernel().attend_cudnn
     kernel = functools.partial(kernel, scale=scale, interpret=interpreted(impl))
+    if arch.attn_softcap:  # splash and pallas_gpu (cuDNN passes with a soft-cap were sent to pallas_gpu)
+        kernel = functools.partial(kernel, softcap=arch.attn_softcap)
     branches = [functools.partial(kernel, window=w) for w in windows]
 
     def fn(q, k, v, segment_ids, index):

@@ -83,11 +83,13 @@ def gpu_unsupported(*, window: int | None, head_dim: int, seq_len: int) -> str |
     return None
 
 
-def cudnn_unsupported(*, dtype, window: int | None, head_dim: int, seq_len: int) -> str | None:
+def cudnn_unsupported(*, dtype, window: int | None, head_dim: int, seq_len: int, softcap: float = 0.0) -> str | None:
     """None when `attend_cudnn` serves the case (statically), else the one-line reason to log."""
     reason = gpu_unsupported(window=window, head_dim=head_dim, seq_len=seq_len)  # its fallback branch
     if reason is not None:
         return reason
+    if softcap:
+        return f"cuDNN flash attention has no logit soft-capping (attn_softcap {softcap})"
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"cuDNN flash attention takes bf16/fp16, not {jnp.dtype(dtype).name}"
     if head_dim % 8 or head_dim > _CUDNN_MAX_HEAD_DIM:
@@ -126,7 +128,18 @@ def _visible(q_seg, q_pos, k_seg, k_pos, window):
     return ok
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, o_ref, lse_ref, *, scale, window, bq, bk, head_dim):
+def _logits(q, kt, scale, softcap):
+    """One tile's log2-domain logits [bq, bk], and d capped / d uncapped (None without a soft-cap): with Gemma 2's
+    `softcap`, s = softcap * tanh(scale * q.k / softcap), whose derivative in scale * q.k is 1 - tanh^2."""
+    dot = pl.dot(q, kt, trans_b=True)
+    if softcap is None:
+        return dot * (scale * _LOG2E), None
+    t = jnp.tanh(dot * (scale / softcap))
+    return t * (softcap * _LOG2E), 1.0 - t * t
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, o_ref, lse_ref, *, scale, softcap, window, bq, bk,
+                head_dim):  # fmt: skip
     i = pl.program_id(0)
     hmask = (jnp.arange(q_ref.shape[-1]) < head_dim)[None, :]
     q = plgpu.load(q_ref, mask=hmask, other=0.0)  # [bq, Hp]
@@ -139,7 +152,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, o_ref, lse_ref, *, scal
         acc, m, rowsum = carry
         cols = pl.ds(j * bk, bk)
         kt = plgpu.load(k_ref.at[cols, :], mask=hmask, other=0.0)
-        s = pl.dot(q, kt, trans_b=True) * (scale * _LOG2E)  # log2-domain logits [bq, bk]
+        s, _ = _logits(q, kt, scale, softcap)  # log2-domain logits [bq, bk]
         ok = _visible(q_seg, q_pos, seg_ref[cols], j * bk + jnp.arange(bk), window)
         s = jnp.where(ok, s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -171,6 +184,7 @@ def _dq_kernel(
     dq_ref,
     *,
     scale,
+    softcap,
     window,
     bq,
     bk,
@@ -191,9 +205,11 @@ def _dq_kernel(
         kt = plgpu.load(k_ref.at[cols, :], mask=hmask, other=0.0)
         vt = plgpu.load(v_ref.at[cols, :], mask=hmask, other=0.0)
         ok = _visible(q_seg, q_pos, seg_ref[cols], j * bk + jnp.arange(bk), window)
-        s = pl.dot(q, kt, trans_b=True) * (scale * _LOG2E)
+        s, capped = _logits(q, kt, scale, softcap)
         p = jnp.where(ok, jnp.exp2(s - lse[:, None]), 0.0)
         ds = p * (pl.dot(do, vt, trans_b=True) - delta[:, None])  # d loss / d logits
+        if capped is not None:
+            ds = ds * capped
         return dq + pl.dot(ds.astype(kt.dtype), kt)
 
     dq = lax.fori_loop(lo, hi, tile, jnp.zeros(q.shape, jnp.float32))
@@ -213,6 +229,7 @@ def _dkv_kernel(
     dv_ref,
     *,
     scale,
+    softcap,
     window,
     bq,
     bk,
@@ -239,10 +256,12 @@ def _dkv_kernel(
             q = plgpu.load(q_ref.at[rows, g, :], mask=hmask, other=0.0)
             do = plgpu.load(do_ref.at[rows, g, :], mask=hmask, other=0.0)
             lse, delta = lse_ref[g, rows], delta_ref[g, rows]
-            s = pl.dot(q, kt, trans_b=True) * (scale * _LOG2E)
+            s, capped = _logits(q, kt, scale, softcap)
             p = jnp.where(ok, jnp.exp2(s - lse[:, None]), 0.0)
             dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True)
             ds = p * (pl.dot(do, vt, trans_b=True) - delta[:, None])
+            if capped is not None:
+                ds = ds * capped
             return dk + pl.dot(ds.astype(q.dtype), q, trans_a=True), dv
 
         return lax.fori_loop(0, group, head, carry)
@@ -257,13 +276,15 @@ def _params(tile: int, hp: int):
     return plgpu.CompilerParams(num_warps=4 if tile * hp <= 64 * 64 else 8, num_stages=2)
 
 
-def _forward(q, k, v, seg, first, scale, window, tiles, interpret):
+def _forward(q, k, v, seg, first, scale, softcap, window, tiles, interpret):
     b, t, n, h = q.shape
     hp, group, bq = _head_tile(h), n // k.shape[2], tiles.fwd_q
     row = pl.BlockSpec((None, t), lambda i, bi, ni: (bi, 0))
     kv = pl.BlockSpec((None, t, None, hp), lambda i, bi, ni: (bi, 0, ni // group, 0))
     q_tile = pl.BlockSpec((None, bq, None, hp), lambda i, bi, ni: (bi, i, ni, 0))
-    kernel = functools.partial(_fwd_kernel, scale=scale, window=window, bq=bq, bk=tiles.fwd_k, head_dim=h)
+    kernel = functools.partial(
+        _fwd_kernel, scale=scale, softcap=softcap, window=window, bq=bq, bk=tiles.fwd_k, head_dim=h
+    )
     return pl.pallas_call(
         kernel,
         grid=(t // bq, b, n),
@@ -276,13 +297,13 @@ def _forward(q, k, v, seg, first, scale, window, tiles, interpret):
     )(q, k, v, seg, first)
 
 
-def _backward(q, k, v, seg, first, last, o, lse, do, scale, window, tiles, interpret):
+def _backward(q, k, v, seg, first, last, o, lse, do, scale, softcap, window, tiles, interpret):
     b, t, n, h = q.shape
     nk = k.shape[2]
     hp, group, bq, bk = _head_tile(h), n // nk, tiles.bwd_q, tiles.bwd_k
     delta = jnp.einsum("btnh,btnh->bnt", o.astype(jnp.float32), do.astype(jnp.float32))  # rowsum(dO * O)
     row = pl.BlockSpec((None, t), lambda i, bi, ni: (bi, 0))
-    kw = dict(scale=scale, window=window, bq=bq, bk=bk, head_dim=h)
+    kw = dict(scale=scale, softcap=softcap, window=window, bq=bq, bk=bk, head_dim=h)
 
     q_tile = pl.BlockSpec((None, bq, None, hp), lambda i, bi, ni: (bi, i, ni, 0))
     kv_full = pl.BlockSpec((None, t, None, hp), lambda i, bi, ni: (bi, 0, ni // group, 0))
@@ -324,19 +345,19 @@ def _backward(q, k, v, seg, first, last, o, lse, do, scale, window, tiles, inter
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _flash(q, k, v, seg, first, last, scale, window, tiles, interpret):
-    return _forward(q, k, v, seg, first, scale, window, tiles, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _flash(q, k, v, seg, first, last, scale, softcap, window, tiles, interpret):
+    return _forward(q, k, v, seg, first, scale, softcap, window, tiles, interpret)[0]
 
 
-def _flash_fwd(q, k, v, seg, first, last, scale, window, tiles, interpret):
-    o, lse = _forward(q, k, v, seg, first, scale, window, tiles, interpret)
+def _flash_fwd(q, k, v, seg, first, last, scale, softcap, window, tiles, interpret):
+    o, lse = _forward(q, k, v, seg, first, scale, softcap, window, tiles, interpret)
     return o, (q, k, v, seg, first, last, o, lse)
 
 
-def _flash_bwd(scale, window, tiles, interpret, res, do):
+def _flash_bwd(scale, softcap, window, tiles, interpret, res, do):
     q, k, v, seg, first, last, o, lse = res
-    dq, dk, dv = _backward(q, k, v, seg, first, last, o, lse, do, scale, window, tiles, interpret)
+    dq, dk, dv = _backward(q, k, v, seg, first, last, o, lse, do, scale, softcap, window, tiles, interpret)
     return dq, dk, dv, None, None, None
 
 
@@ -353,11 +374,13 @@ def attend_gpu(
     window: int | None,
     interpret: bool = False,
     tiles: Tiles | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Causal attention within each segment: q [B, T, N, H]; k, v [B, T, K, H] (N a multiple of K);
     segment_ids [B, T] int32 (1, 2, ... per document, 0 = padding). Returns [B, T, N, H] in q's dtype.
 
-    `window` (static): key j is visible from query i iff i - j < window (None: no window). `interpret` runs the
+    `window` (static): key j is visible from query i iff i - j < window (None: no window). `softcap` (static,
+    Gemma 2): the logits are softcap * tanh(scale * q.k / softcap) before the mask (None: off). `interpret` runs the
     kernels in Pallas interpret mode (CPU tests). `tiles`: None picks `choose_tiles(T, H)`. Differentiable in
     q, k, v (a Pallas backward; no second derivative). Check `gpu_unsupported` first.
     """
@@ -374,7 +397,8 @@ def attend_gpu(
         seg = jnp.concatenate([seg, jnp.broadcast_to(fresh, (b, pad))], axis=1)
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
     first, last = _visible_span(seg, window)
-    out = _flash(q, k, v, seg, first, last, float(scale), window, tiles, interpret)
+    softcap = float(softcap) if softcap else None
+    out = _flash(q, k, v, seg, first, last, float(scale), softcap, window, tiles, interpret)
     return out[:, :t] if pad else out
 
 

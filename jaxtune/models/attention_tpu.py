@@ -1,14 +1,16 @@
 """TPU attention: Pallas splash attention over segment ids, with no `T x T` mask anywhere.
 
-    attend_tpu(q, k, v, segment_ids, *, scale, window, blocks=(), interpret=False) -> [B, T, N, H]
+    attend_tpu(q, k, v, segment_ids, *, scale, window, blocks=(), interpret=False, softcap=None) -> [B, T, N, H]
 
 q [B, T, N, H]; k, v [B, T, K, H] (GQA: N a multiple of K, served natively by splash's MHA form, query head h
 reading KV head h // (N / K) as `jax.nn.dot_product_attention` and HF's `repeat_kv` do); segment_ids [B, T]
 (1, 2, ... per packed document, 0 = padding). Causal within each document (`SegmentIds` ANDed with a
 `CausalMask`, or a `LocalMask` for a sliding window: key j visible from query i iff i - j < window).
-Padding rows share segment 0, so each sees at least itself: no all-masked row, no NaN, and no real token ever
-sees a pad. The sliding window counts row indices, the xla path counts positions: inside a document positions
-are consecutive, so the two agree for every real token (pad rows, which no real token sees, may differ).
+`softcap` (Gemma 2): splash's `attn_logits_soft_cap`, softcap * tanh(logits / softcap) on the scaled logits
+before the mask, forward and backward. Padding rows share segment 0, so each sees at least itself: no all-masked
+row, no NaN, and no real token ever sees a pad. The sliding window counts row indices, the xla path counts
+positions: inside a document positions are consecutive, so the two agree for every real token (pad rows, which
+no real token sees, may differ).
 
 Splash's masks are static, their block tables built in NumPy per (length, heads, window, blocks). Sequences are
 padded up to a multiple of the block size (splash tiles whole blocks; the tail is padding that only later pad
@@ -56,7 +58,8 @@ def block_sizes(seq_len: int, blocks: tuple[int, ...] = ()) -> tuple[int, splash
     return padded, sizes
 
 
-def _kernel(seq_len: int, heads: int, window: int | None, sizes: splash.BlockSizes, interpret: bool):
+def _kernel(seq_len: int, heads: int, window: int | None, sizes: splash.BlockSizes, interpret: bool,
+            softcap: float | None = None):  # fmt: skip
     """The splash kernel for one static mask. Built at every trace: its block tables become constants of that
     trace (a kernel kept across traces would leak tracers out of `nn.scan`'s), and the NumPy work behind them
     is cached by splash itself (`process_mask` is an lru_cache keyed by the mask and block shape)."""
@@ -68,6 +71,7 @@ def _kernel(seq_len: int, heads: int, window: int | None, sizes: splash.BlockSiz
     return splash.make_splash_mha(
         splash_mask.MultiHeadMask([mask] * heads),
         block_sizes=sizes,
+        attn_logits_soft_cap=softcap,
         head_shards=1,
         q_seq_shards=1,
         interpret=interpret,
@@ -75,7 +79,7 @@ def _kernel(seq_len: int, heads: int, window: int | None, sizes: splash.BlockSiz
 
 
 def attend_tpu(q, k, v, segment_ids, *, scale: float, window: int | None, blocks: tuple[int, ...] = (),
-               interpret: bool = False) -> jax.Array:  # fmt: skip
+               interpret: bool = False, softcap: float | None = None) -> jax.Array:  # fmt: skip
     """Causal, segment-masked softmax(q k^T * scale) v through splash attention; [B, T, N, H] in q's dtype."""
     b, t, n, _ = q.shape
     padded, sizes = block_sizes(t, blocks)
@@ -85,7 +89,8 @@ def attend_tpu(q, k, v, segment_ids, *, scale: float, window: int | None, blocks
         pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
         q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
         segment_ids = jnp.pad(segment_ids, ((0, 0), (0, padded - t)))  # segment 0: padding
-    kernel = _kernel(padded, n, None if window is None or window <= 0 else int(window), sizes, interpret)
+    window = None if window is None or window <= 0 else int(window)
+    kernel = _kernel(padded, n, window, sizes, interpret, float(softcap) if softcap else None)
 
     def one(q, k, v, seg):  # one row: q [N, T, H], k/v [K, T, H], seg [T]
         return kernel(q, k, v, splash.SegmentIds(q=seg, kv=seg))

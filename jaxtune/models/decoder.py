@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxtune.models import adapters_hook, attention, kv_cache, moe
 from jaxtune.models.arch import ArchConfig
-from jaxtune.models.layers import INIT_STD, MLP, Block, Norm, Proj, rope_tables
+from jaxtune.models.layers import INIT_STD, MLP, Block, Norm, Proj, layer_rope_tables
 from jaxtune.parallel.rules import constrain
 
 # The residual stream between layers: split over the batch (data, fsdp), whole along length and embed. A no-op
@@ -52,6 +52,13 @@ def neftune_noise(rng, x, segment_ids, alpha: float):
     scale = alpha / jnp.sqrt(length * x.shape[-1])
     noise = jax.random.uniform(rng, x.shape, jnp.float32, -1.0, 1.0) * scale * real[..., None]
     return noise.astype(x.dtype)
+
+
+def softcap(logits: jax.Array, cap: float) -> jax.Array:
+    """Gemma 2/3's tanh soft-cap, cap * tanh(logits / cap) (in fp32, back in the logits' dtype); cap 0: off."""
+    if not cap:
+        return logits
+    return (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
 
 
 class Decoder(nn.Module):
@@ -131,7 +138,7 @@ class Decoder(nn.Module):
             attn = attn.replace(real=segment_ids != 0)
         cos = sin = None
         if a.positions == "rope":
-            cos, sin = rope_tables(a, positions, a.compute_dtype, segment_ids)  # [B, T, H]
+            cos, sin = layer_rope_tables(a, positions, a.compute_dtype, segment_ids)  # [B, T, H] ([2, B, T, H]: Gemma 3)
         windows = jnp.asarray(a.layer_windows or (0,) * a.num_layers, jnp.int32)  # [L]
         if a.scan_layers:
             split = a.peft.layer_split or a.num_layers
@@ -146,9 +153,12 @@ class Decoder(nn.Module):
         return adapters_hook.strip_virtual(self, self.norm(x))  # [B, T, D]
 
     def logits(self, hidden):  # [B, T, D] -> [B, T, V]
+        """The LM head (every consumer of logits comes here: Model.logits, the chunked log-probs, generation)."""
         if self.arch.tie_word_embeddings:
-            return adapters_hook.tied_head(self, hidden, self.embed_tokens.attend(hidden))  # + LoRA on lm_head
-        return self.lm_head(hidden)
+            logits = adapters_hook.tied_head(self, hidden, self.embed_tokens.attend(hidden))  # + LoRA on lm_head
+        else:
+            logits = self.lm_head(hidden)
+        return softcap(logits, self.arch.final_softcap)
 
     def forward_logits(self, input_ids, segment_ids, positions):
         return self.logits(self(input_ids, segment_ids, positions))

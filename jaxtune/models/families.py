@@ -1,19 +1,27 @@
 """Hugging Face `model_type` -> `ArchConfig`, and each family's tensor-name map.
 
-Supported: llama (1, 2, 3, 3.1, 3.2), mistral, qwen2 (2.5), qwen3, gemma, phi3 (Phi-3, Phi-3.5, Phi-4,
-Phi-4-mini), gpt2. Our parameter paths mirror HF module names, so for the Llama-like families the map is the
-identity up to the `model.` prefix and the [out, in] -> [in, out] transpose of Linear weights; phi3's fused
-`qkv_proj` / `gate_up_proj` stay fused (one kernel each, split in the layer). GPT-2 is the exception: its
-`Conv1D` stores weights [in, out] already, and `c_attn` fuses q, k and v along the output axis (split on load).
+Supported: llama (1, 2, 3, 3.1, 3.2), mistral, qwen2 (2.5), qwen3, gemma, gemma2, gemma3_text, gemma3 (its language
+model: `language_model_config`), phi3 (Phi-3, Phi-3.5, Phi-4, Phi-4-mini), gpt2, and (family_moe.py) mixtral,
+qwen2_moe, qwen3_moe. Our parameter paths mirror HF's runtime module names, so for the Llama-like families the map
+is the identity up to the `model.` prefix and the [out, in] -> [in, out] transpose of Linear weights; phi3's fused
+`qkv_proj` / `gate_up_proj` stay fused (one kernel each, split in the layer). GPT-2 is the exception: its `Conv1D`
+stores weights [in, out] already, and `c_attn` fuses q, k and v along the output axis (split on load).
+
+Gemma 2 / 3 configs are read with transformers' own defaults for the keys a config.json may leave out (`GEMMA_DEFAULTS`:
+Gemma 2's soft-caps default to 50 / 30 when absent, and the text_config of a Gemma 3 multimodal checkpoint names
+little more than its sizes).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.arch import ArchConfig
+
+log = logging.getLogger(__name__)
 
 ACTIVATIONS = {
     "silu": "silu",
@@ -28,6 +36,24 @@ ACTIVATIONS = {
 
 class UnsupportedModelError(JaxtuneError, ValueError):
     pass
+
+
+# transformers' Gemma2Config / Gemma3TextConfig defaults of the keys read below (a key present as null stays null)
+GEMMA_DEFAULTS = {
+    "gemma2": dict(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096,
+        final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+    ),
+    "gemma3_text": dict(
+        vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096,
+        final_logit_softcapping=None, attn_logit_softcapping=None,
+    ),
+}  # fmt: skip
+GEMMA3_ROPE_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}  # Gemma3TextConfig.default_theta
 
 
 @dataclass(frozen=True)
@@ -76,6 +102,29 @@ def _rope(cfg: dict) -> tuple[float, tuple]:
     theta = params.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
     if not params and cfg.get("rope_scaling"):
         params = dict(cfg["rope_scaling"])
+    return float(theta), _rope_items(params)
+
+
+def _gemma3_rope(cfg: dict) -> tuple[tuple[float, tuple], tuple[float, tuple]]:
+    """((theta, scaling) of the global layers, (theta, scaling) of the sliding ones). transformers>=5 keeps one
+    `rope_parameters` entry per layer type; older configs say rope_theta + rope_scaling (global layers only) +
+    rope_local_base_freq (the sliding layers, never scaled)."""
+    params = cfg.get("rope_parameters") or {}
+    if not ({"full_attention", "sliding_attention"} & set(params)):  # the older keys
+        params = {
+            "full_attention": {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta")},
+            "sliding_attention": {"rope_theta": cfg.get("rope_local_base_freq")},
+        }
+    out = []
+    for kind in ("full_attention", "sliding_attention"):
+        p = dict(params.get(kind) or {})
+        theta = p.pop("rope_theta", None) or GEMMA3_ROPE_THETA[kind]
+        out.append((float(theta), _rope_items(p)))
+    return out[0], out[1]
+
+
+def _rope_items(params: dict) -> tuple:
+    """The scaling items of one RoPE (rope_theta taken out), checked to be a scaling jaxtune implements."""
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
     kind = params.get("rope_type", params.get("type", "default"))
@@ -83,7 +132,7 @@ def _rope(cfg: dict) -> tuple[float, tuple]:
         raise UnsupportedModelError(
             f"rope_type {kind!r} is not supported (supported: default, linear, llama3)"
         )
-    return float(theta), tuple(sorted((k, v) for k, v in params.items() if not isinstance(v, (list, dict))))
+    return tuple(sorted((k, v) for k, v in params.items() if not isinstance(v, (list, dict))))
 
 
 def _phi3_rope(cfg: dict, head_dim: int) -> tuple[float, tuple]:
@@ -128,7 +177,12 @@ def _windows(cfg: dict, n_layers: int, model_type: str) -> tuple[int, ...]:
     if model_type in ("mistral", "phi3"):  # every layer
         return (int(window),) * n_layers
     # Qwen2/Qwen3: only the layers that `layer_types` (or use_sliding_window + max_window_layers) mark.
+    # Gemma 2/3: `layer_types`, or transformers' default pattern (Gemma 2 alternates from a sliding layer 0;
+    # Gemma 3 has `sliding_window_pattern - 1` sliding layers, then a global one: 5:1).
     types = cfg.get("layer_types")
+    if types is None and model_type in GEMMA_DEFAULTS:
+        every = 2 if model_type == "gemma2" else int(cfg.get("sliding_window_pattern") or 6)
+        types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)]
     if types is None:
         if not cfg.get("use_sliding_window"):
             return ()
@@ -174,10 +228,15 @@ def arch_from_hf(cfg: dict, **runtime) -> ArchConfig:
             tie_word_embeddings=cfg.get("tie_word_embeddings", True),
             **runtime,
         )
+    if mt == "gemma3":
+        cfg = language_model_config(cfg, quiet=True)
+        mt = cfg["model_type"]
     if mt not in LLAMA_LIKE:
         raise UnsupportedModelError(
             f"model_type {mt!r} is not supported; jaxtune supports: {', '.join(sorted((*SUPPORTED, *EXTRA_FAMILIES)))}"
         )
+    if mt in GEMMA_DEFAULTS:
+        return _gemma(cfg, mt, runtime)
     heads = cfg["num_attention_heads"]
     attn_bias = bool(cfg.get("attention_bias", False)) and mt != "phi3"  # Phi3 Linears never have biases
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -212,8 +271,82 @@ def arch_from_hf(cfg: dict, **runtime) -> ArchConfig:
     )
 
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
-SUPPORTED = (*LLAMA_LIKE, "gpt2")
+def _gemma(cfg: dict, mt: str, runtime: dict) -> ArchConfig:
+    """Gemma 2 and Gemma 3 (text): Gemma's `1 + w` RMSNorm, GeGLU and sqrt(d)-scaled tied embeddings, plus the
+    sandwich norms, query_pre_attn_scalar, alternating sliding / global layers and the final-logit soft-cap;
+    Gemma 2 soft-caps the attention logits too (transformers' Gemma 3 attention ignores attn_logit_softcapping),
+    Gemma 3 adds q/k norms and its sliding layers' own RoPE."""
+    cfg = {**GEMMA_DEFAULTS[mt], **cfg}
+    if cfg.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{mt} with use_bidirectional_attention=true (an encoder) is not supported")
+    heads = cfg["num_attention_heads"]
+    if mt == "gemma3_text":
+        (theta, rope), (local_theta, local_rope) = _gemma3_rope(cfg)
+    else:
+        (theta, rope), local_theta, local_rope = _rope(cfg), 0.0, ()
+    attn_bias = bool(cfg.get("attention_bias", False))
+    return ArchConfig(
+        model_type=mt,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        max_position_embeddings=cfg["max_position_embeddings"],
+        norm_eps=cfg["rms_norm_eps"],
+        norm_plus_one=True,
+        activation=_activation(cfg, "hidden_activation", "hidden_act"),
+        qkv_bias=attn_bias,
+        o_bias=attn_bias,
+        qk_norm=mt == "gemma3_text",
+        rope_theta=theta,
+        rope_scaling=rope,
+        tie_word_embeddings=bool(cfg["tie_word_embeddings"]),
+        embed_scale=True,
+        layer_windows=_windows(cfg, cfg["num_hidden_layers"], mt),
+        rope_local_theta=local_theta,
+        rope_local_scaling=local_rope,
+        sandwich_norms=True,
+        query_pre_attn_scalar=float(cfg["query_pre_attn_scalar"]),
+        attn_softcap=float(cfg.get("attn_logit_softcapping") or 0.0) if mt == "gemma2" else 0.0,
+        final_softcap=float(cfg.get("final_logit_softcapping") or 0.0),
+        **runtime,
+    )
+
+
+def language_model_config(cfg: dict, quiet: bool = False) -> dict:
+    """A multimodal Gemma 3 config.json (`gemma3`: Gemma3ForConditionalGeneration) -> the config.json of its
+    language model as the text-only `gemma3_text` (Gemma3ForCausalLM) that jaxtune loads, trains and exports (the
+    vision tower and projector are not loaded); any other config is returned unchanged.
+
+    The outer config's tie_word_embeddings and special token ids win over the text_config's (transformers reads
+    them there). Gemma3ForConditionalGeneration applies no final-logit soft-cap whatever its text_config says, so
+    the text config gets final_logit_softcapping=null: the exported Gemma3ForCausalLM computes what the
+    multimodal model's language model computed."""
+    if cfg.get("model_type") != "gemma3":
+        return cfg
+    seq_cls = any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or ())
+    arch = "Gemma3TextForSequenceClassification" if seq_cls else "Gemma3ForCausalLM"  # a reward model stays one
+    text = {**cfg.get("text_config", {}), "model_type": "gemma3_text", "architectures": [arch]}
+    for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
+                "id2label", "label2id"):  # fmt: skip
+        if cfg.get(key) is not None:
+            text[key] = cfg[key]
+    if text.get("final_logit_softcapping") is not None:
+        text["final_logit_softcapping"] = None
+    if not quiet:
+        log.info(
+            "gemma3 (Gemma3ForConditionalGeneration) checkpoint: loading its language model only (vision tower and "
+            "projector ignored); it trains and exports as gemma3_text (Gemma3ForCausalLM), and PEFT adapters "
+            "trained on it name that text model's modules (merge them, or load them over a gemma3_text export)"
+        )
+    return text
+
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+SUPPORTED = (*LLAMA_LIKE, "gemma3", "gpt2")
 
 
 def tensor_maps(arch: ArchConfig) -> list[TensorMap]:
@@ -244,7 +377,10 @@ def tensor_maps(arch: ArchConfig) -> list[TensorMap]:
         )
         if bias:
             maps.append(TensorMap(("layers", parent, name, "bias"), f"{L}{parent}.{name}.bias"))
-    for norm in ("input_layernorm", "post_attention_layernorm"):
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if arch.sandwich_norms:
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    for norm in norms:
         maps.append(TensorMap(("layers", norm, "scale"), f"{L}{norm}.weight"))
     if arch.qk_norm:
         for norm in ("q_norm", "k_norm"):

@@ -8,6 +8,7 @@ layout `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -19,7 +20,13 @@ from flax import traverse_util
 
 from jaxtune.errors import RunError
 from jaxtune.models.arch import DTYPES, ArchConfig
-from jaxtune.models.families import IGNORED_SUFFIXES, TensorMap, arch_from_hf, tensor_maps
+from jaxtune.models.families import (
+    IGNORED_SUFFIXES,
+    TensorMap,
+    arch_from_hf,
+    language_model_config,
+    tensor_maps,
+)
 from jaxtune.models.family_moe import checkpoint_maps
 from jaxtune.models.model import Model, abstract_variables, init_params, param_shardings
 from jaxtune.models.safetensors_io import CheckpointError, Lazy, SafetensorsReader, write_sharded
@@ -28,16 +35,44 @@ from jaxtune.models.score import SCORE_MAP, is_seq_cls, swap_head
 log = logging.getLogger(__name__)
 
 
+# Where a multimodal checkpoint (Gemma 3) keeps its language model: (the prefix that replaces `model.`, the one
+# that replaces `lm_head.`). transformers writes language_model.model.* (4.5x and 5.x alike); its in-memory
+# names since 4.52, which other tools may save, are model.language_model.*. The vision tensors are not loaded.
+LANGUAGE_MODEL_PREFIXES = (("language_model.model.", "language_model.lm_head."), ("model.language_model.", "lm_head."))
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
 def read_hf_config(directory: str | Path) -> dict:
+    """config.json as jaxtune sees it: a multimodal Gemma 3's is its language model's (`language_model_config`)."""
     path = Path(directory) / "config.json"
     if not Path(directory).is_dir():
         raise CheckpointError(f"{directory}: not a directory (expected a Hugging Face model directory)")
     if not path.exists():
         raise CheckpointError(f"{directory}: no config.json — is this a Hugging Face model directory?")
     try:
-        return json.loads(path.read_text())
+        return language_model_config(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def _relocate(reader: SafetensorsReader, maps: dict) -> tuple[dict, bool]:
+    """The tensor maps renamed to where this checkpoint keeps them: as written, or under a multimodal checkpoint's
+    language-model prefix (then True)."""
+    embed = maps[("embed_tokens", "embedding")].hf
+    if embed in reader or not embed.startswith("model."):
+        return maps, False
+    for body, head in LANGUAGE_MODEL_PREFIXES:
+        if body + embed[len("model.") :] in reader:
+            renames = (("model.", body), ("lm_head.", head))
+            return {p: _renamed(m, renames) for p, m in maps.items()}, True
+    return maps, False
+
+
+def _renamed(m: TensorMap, renames) -> TensorMap:
+    for old, new in renames:
+        if m.hf.startswith(old):
+            return dataclasses.replace(m, hf=new + m.hf[len(old) :])
+    return m
 
 
 def load_tokenizer(directory: str | Path):
@@ -117,6 +152,7 @@ def load_params(directory, arch: ArchConfig, shardings=None, head: str = "lm"):
                 f"{directory}: config.json names a *ForSequenceClassification model but holds no score.weight"
             )
         maps, shapes = swap_head(maps, shapes, reader.shape("score.weight"))
+    maps, multimodal = _relocate(reader, maps)
     _check(reader, list(maps.values()), shapes, arch.num_layers)
     flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     dtype = DTYPES[arch.param_dtype]
@@ -138,7 +174,13 @@ def load_params(directory, arch: ArchConfig, shardings=None, head: str = "lm"):
         else:
             out[path] = jax.make_array_from_callback(shape, sharding, read)
     unused = [n for n in reader.names() if reader.resolve(n) not in {reader.resolve(u) for u in used}]
-    unused = [n for n in unused if not n.endswith(IGNORED_SUFFIXES) and n != "lm_head.weight"]
+    tied_heads = {"lm_head.weight", *(head + "weight" for _, head in LANGUAGE_MODEL_PREFIXES)}
+    unused = [n for n in unused if not n.endswith(IGNORED_SUFFIXES) and n not in tied_heads]
+    if multimodal:
+        vision = [n for n in unused if n.startswith(VISION_PREFIXES)]
+        unused = [n for n in unused if not n.startswith(VISION_PREFIXES)]
+        log.info("%s: language model loaded from %s*, %d vision tensors not loaded", directory,
+                 maps[("embed_tokens", "embedding")].hf.split("embed_tokens")[0], len(vision))  # fmt: skip
     if unused:
         log.warning("%s: %d checkpoint tensors unused, e.g. %s", directory, len(unused), unused[:3])
     params = traverse_util.unflatten_dict(out)
@@ -171,7 +213,7 @@ def from_hf_config(hf_config: dict, rng=0, tokenizer=None, mesh=None, **runtime)
     model_type = kwargs.pop("model_type", None)
     if model_type is None:
         raise CheckpointError("random_init needs a `model_type` (e.g. llama, qwen2, gpt2)")
-    full = AutoConfig.for_model(model_type, **kwargs).to_dict()
+    full = language_model_config(AutoConfig.for_model(model_type, **kwargs).to_dict())
     arch = arch_from_hf(full, **runtime)
     shardings = None if mesh is None else param_shardings(arch, mesh)
     return Model(arch=arch, params=init_params(arch, rng, shardings), tokenizer=tokenizer, hf_config=full)

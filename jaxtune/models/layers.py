@@ -54,11 +54,13 @@ class Norm(nn.Module):
         return scale.astype(x.dtype) * h.astype(x.dtype)
 
 
-def rope_inv_freq(arch: ArchConfig) -> jax.Array:
-    """Inverse frequencies [rotary_dim // 2], with HF's `rope_type` scalings (default, linear, llama3)."""
-    rope = arch.rope
+def rope_inv_freq(arch: ArchConfig, local: bool = False) -> jax.Array:
+    """Inverse frequencies [rotary_dim // 2], with HF's `rope_type` scalings (default, linear, llama3); `local`:
+    those of the sliding-window layers when they have their own RoPE (Gemma 3's `rope_local_theta`)."""
+    rope = dict(arch.rope_local_scaling) if local else arch.rope
+    theta = arch.rope_local_theta if local else arch.rope_theta
     dim = longrope.rotary_dim(arch)  # head_dim unless partial_rotary_factor < 1 (phi3)
-    inv_freq = 1.0 / (arch.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return inv_freq
@@ -78,13 +80,37 @@ def rope_inv_freq(arch: ArchConfig) -> jax.Array:
     raise RunError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
-def rope_tables(arch: ArchConfig, positions: jax.Array, dtype, segment_ids=None) -> tuple[jax.Array, jax.Array]:
+def rope_tables(
+    arch: ArchConfig, positions: jax.Array, dtype, segment_ids=None, local: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """cos/sin [B, T, rotary_dim] for integer positions [B, T] (fp32 math, cast like HF)."""
-    if arch.rope.get("rope_type") == "longrope":  # phi3: factors chosen by the batch's length (longrope.py)
+    if arch.rope.get("rope_type") == "longrope" and not local:  # phi3: factors by the batch's length (longrope.py)
         return longrope.tables(arch, positions, dtype, segment_ids)
-    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(arch)  # [B, T, hd/2]
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(arch, local)  # [B, T, hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, hd]: HF's rotate-half layout
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def layer_rope_tables(arch: ArchConfig, positions: jax.Array, dtype, segment_ids=None) -> tuple[jax.Array, jax.Array]:
+    """The decoder's tables, once per pass: cos/sin [B, T, H], or [2, B, T, H] (global, local) when the
+    sliding-window layers have their own RoPE and both kinds of layer exist (`pick_rope` selects per layer)."""
+    cos, sin = rope_tables(arch, positions, dtype, segment_ids)
+    if not arch.rope_local_theta or not any(arch.layer_windows):
+        return cos, sin  # one RoPE, or no sliding layer to use the local one
+    local_cos, local_sin = rope_tables(arch, positions, dtype, segment_ids, local=True)
+    if all(arch.layer_windows):
+        return local_cos, local_sin
+    return jnp.stack([cos, local_cos]), jnp.stack([sin, local_sin])
+
+
+def pick_rope(arch: ArchConfig, cos, sin, window):
+    """This layer's cos/sin [B, T, H] from `layer_rope_tables`: the local pair iff its window is > 0 (a traced
+    scalar under `nn.scan`: a dynamic index into the stacked pair, no recomputation)."""
+    if cos.ndim == 3:
+        return cos, sin
+    local = (window > 0).astype(jnp.int32)
+    pick = lambda t: jax.lax.dynamic_index_in_dim(t, local, axis=0, keepdims=False)
+    return pick(cos), pick(sin)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -185,6 +211,7 @@ class Attention(nn.Module):
             q = Norm(a, axis_name="head_dim", name="q_norm")(q)
             key = Norm(a, axis_name="head_dim", name="k_norm")(key)
         if a.positions == "rope":
+            cos, sin = pick_rope(a, cos, sin, window)
             q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
         if kv_cache.decoding(self):  # decode step: the cache already holds the prefixes and earlier tokens
             key, val, key_pos = kv_cache.append(self, key, val, positions)  # [B, S, K, H]
@@ -200,7 +227,11 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x)) (+ bottleneck adapters)."""
+    """Pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x)) (+ bottleneck adapters).
+
+    Gemma 2/3 (`sandwich_norms`) also normalise each sublayer's output before the residual add, with HF's names:
+    x + post_attention_layernorm(attn(input_layernorm(x))); x + post_feedforward_layernorm(mlp(
+    pre_feedforward_layernorm(x))). (Elsewhere `post_attention_layernorm` is the norm before the MLP.)"""
 
     arch: ArchConfig
     deterministic: bool = True
@@ -211,9 +242,14 @@ class Block(nn.Module):
         a, det = self.arch, self.deterministic
         h = Norm(a, name="input_layernorm")(x)
         h = Attention(a, det, name="self_attn")(h, attn, cos, sin, positions, window)
+        if a.sandwich_norms:
+            h = Norm(a, name="post_attention_layernorm")(h)
         h = adapters_hook.bottleneck(self, h, "attn_adapter", det)  # Houlsby: after attention
         x = x + h
         moe_args = (attn.real,) if a.num_experts else ()  # MoE: which tokens count for the router statistics
-        h = self.mlp_cls(a, det, name="mlp")(Norm(a, name="post_attention_layernorm")(x), *moe_args)
+        pre_mlp = "pre_feedforward_layernorm" if a.sandwich_norms else "post_attention_layernorm"
+        h = self.mlp_cls(a, det, name="mlp")(Norm(a, name=pre_mlp)(x), *moe_args)
+        if a.sandwich_norms:
+            h = Norm(a, name="post_feedforward_layernorm")(h)
         h = adapters_hook.bottleneck(self, h, "mlp_adapter", det)  # Houlsby / Pfeiffer: after the MLP
         return x + h

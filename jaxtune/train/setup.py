@@ -185,7 +185,7 @@ def abstract_model(cfg):
     from transformers import AutoConfig
 
     from jaxtune.models import attention, hf
-    from jaxtune.models.families import arch_from_hf
+    from jaxtune.models.families import arch_from_hf, language_model_config
     from jaxtune.models.model import Model, init_params
 
     m = cfg.model
@@ -203,7 +203,7 @@ def abstract_model(cfg):
         init = _random_init(cfg, tokenizer)
         if "model_type" not in init:
             raise RunError("model.random_init needs a `model_type` (e.g. llama, qwen2, gpt2)")
-        hf_config = AutoConfig.for_model(init.pop("model_type"), **init).to_dict()
+        hf_config = language_model_config(AutoConfig.for_model(init.pop("model_type"), **init).to_dict())
     else:
         raise _no_model()
     arch = arch_from_hf(hf_config, **_runtime(cfg, impl))

@@ -141,3 +141,20 @@ def test_stop_token_ends_its_row_only(tiny_llama):
                           stop_array({row[0] for row in free}), max_new_tokens=NEW)  # fmt: skip
     assert np.asarray(keep).tolist() == [[True] + [False] * (NEW - 1)] * len(LENGTHS)
     assert np.all(np.asarray(tokens)[:, 1:] == 0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_equals_recompute_and_transformers(family, tmp_path):
+    """Gemma 2 (soft-capped attention and output logits, a sliding and a global layer) and Gemma 3 (the sliding
+    layers' own RoPE, picked per layer at every decode step): the cached decoder, full
+    recomputation and `transformers.generate` pick the same tokens."""
+    hf = save_hf(family, tmp_path)
+    model = jaxtune.load_model(tmp_path)
+    assert model.arch.final_softcap and max(model.arch.layer_windows) < min(LENGTHS) + NEW
+    cached, recomputed = both(model.arch, {"params": model.params})
+    assert cached == recomputed
+    ids, mask = left_pad(prompts(), multiple=1)
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                          max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
+    assert cached == out[:, ids.shape[1] :].tolist()

@@ -1,6 +1,7 @@
 """The GPU flash kernels (Pallas interpret mode on CPU) against the xla reference: forward and q/k/v gradients on
-packed, left-, right- and both-sides-padded rows, GQA and MQA, a sliding window, a T that is no tile multiple;
-the cuDNN wrapper's row rolling and its fallback; and the Triton lowering for CUDA at T=4096 (no T x T buffer)."""
+packed, left-, right- and both-sides-padded rows, GQA and MQA, a sliding window, a T that is no tile multiple,
+Gemma 2's soft-capped logits; the cuDNN wrapper's row rolling and its fallback; and the Triton lowering for CUDA at
+T=4096 (no T x T buffer), soft-capped too."""
 
 import re
 
@@ -34,13 +35,20 @@ def mixed(t: int) -> np.ndarray:
     return rows(t, [[(1, 20), (2, 25), (3, t - 49)], [(0, 24), (1, t - 24)], [(1, 37)], [(0, 10), (1, 30)]])
 
 
-def reference(q, k, v, seg, window):  # scale: jax.nn's default, 1/sqrt(H)
+def reference(q, k, v, seg, window, softcap=None, scale=None):  # scale None: jax.nn's default, 1/sqrt(H)
     # the dense mask of the xla path (decoder's `attention_mask`): causal and within one segment, pads included
     idx = jnp.arange(seg.shape[1])
     mask = (seg[:, :, None] == seg[:, None, :]) & (idx[:, None] >= idx[None, :])
     if window is not None:
         mask = mask & ((idx[:, None] - idx[None, :]) < window)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])  # mask [B, 1, T, T]
+    if softcap is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])  # mask [B, 1, T, T]
+    # Gemma 2 (HF eager): softcap * tanh(scale q.k / softcap), then the mask and the softmax; KV heads repeated
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+    logits = jnp.where(mask[:, None], softcap * jnp.tanh(logits / softcap), -jnp.inf)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
 
 
 def compiled(fn, *example):
@@ -69,25 +77,30 @@ def close(a, b, what):
 
 
 @pytest.mark.parametrize(
-    "kv, window, t, h, tiles",
+    "kv, window, t, h, tiles, softcap",
     [
-        (2, None, 64, H, MIXED_TILES),  # GQA, full causal
-        (1, 8, 56, H, MIXED_TILES),  # MQA, sliding window, T padded to the tile multiple
-        (4, 5, 64, 24, None),  # MHA, a head dim padded to 32 in the tile, the tiling rule's own tiles
+        (2, None, 64, H, MIXED_TILES, None),  # GQA, full causal
+        (1, 8, 56, H, MIXED_TILES, None),  # MQA, sliding window, T padded to the tile multiple
+        (4, 5, 64, 24, None, None),  # MHA, a head dim padded to 32 in the tile, the tiling rule's own tiles
+        (2, 8, 64, H, MIXED_TILES, 1.5),  # Gemma 2: soft-capped logits (forward and the tanh' in dq, dk)
     ],
 )
-def test_flash_matches_reference(kv, window, t, h, tiles):
+def test_flash_matches_reference(kv, window, t, h, tiles, softcap):
     seg = mixed(t)
     q, k, v, ct = inputs(seg.shape[0], t, kv, h)
     args = (q, k, v, seg, ct)
     kernel = with_grads(
         lambda q, k, v, s: ag.attend_gpu(
-            q, k, v, s, scale=h**-0.5, window=window, interpret=True, tiles=tiles
+            q, k, v, s, scale=h**-0.5, window=window, interpret=True, tiles=tiles, softcap=softcap
         ),
         *args,
     )
     out, grads = kernel(*args)
-    ref_out, ref_grads = with_grads(lambda q, k, v, s: reference(q, k, v, s, window), *args)(*args)
+    ref = lambda q, k, v, s: reference(q, k, v, s, window, softcap, h**-0.5)
+    ref_out, ref_grads = with_grads(ref, *args)(*args)
+    if softcap is not None:  # the cap bends these logits (|scale q.k| reaches several times it)
+        uncapped = with_grads(lambda q, k, v, s: reference(q, k, v, s, window), *args)(*args)[0]
+        assert np.abs(uncapped - ref_out).max() > 1e-2
     assert out.shape == q.shape and out.dtype == q.dtype
     assert all(np.isfinite(x).all() for x in (out, *grads))  # padding rows included
     close(out, ref_out, "forward")
@@ -123,6 +136,7 @@ def test_unsupported_reasons():
     assert ag.cudnn_unsupported(dtype="bfloat16", window=7, head_dim=64, seq_len=2048) is None
     assert "float32" in ag.cudnn_unsupported(dtype=jnp.float32, window=None, head_dim=128, seq_len=2048)
     assert "head_dim" in ag.cudnn_unsupported(dtype=jnp.bfloat16, window=None, head_dim=100, seq_len=2048)
+    assert "soft-capping" in ag.cudnn_unsupported(dtype=jnp.bfloat16, window=None, head_dim=64, seq_len=64, softcap=50.0)
 
 
 def test_cudnn_wrapper_rolls_padded_rows_and_falls_back_for_packed():
@@ -148,14 +162,17 @@ def test_cudnn_wrapper_rolls_padded_rows_and_falls_back_for_packed():
             close(g, r, f"d{name}")
 
 
-def test_lowers_to_triton_for_cuda_without_a_t_by_t_buffer():
+@pytest.mark.parametrize("softcap", [None, 50.0], ids=["plain", "softcap"])
+def test_lowers_to_triton_for_cuda_without_a_t_by_t_buffer(softcap):
     b, t, n, kv, h = 1, 4096, 2, 1, 16
     seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
     q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
     kv_ = jax.ShapeDtypeStruct((b, t, kv, h), jnp.bfloat16)
 
     def loss_and_grads(q, k, v, seg):
-        f = lambda q, k, v: ag.attend_gpu(q, k, v, seg, scale=SCALE, window=None).astype(jnp.float32).sum()
+        f = lambda q, k, v: ag.attend_gpu(
+            q, k, v, seg, scale=SCALE, window=None, softcap=softcap
+        ).astype(jnp.float32).sum()
         return jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v)
 
     checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in ag.TRITON_CALL_TARGETS]

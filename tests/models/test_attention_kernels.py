@@ -15,7 +15,6 @@ the attention is a `tpu_custom_call` and no 4096 x 4096 tensor exists, where the
 from __future__ import annotations
 
 import logging
-import math
 import re
 
 import chex
@@ -70,9 +69,9 @@ def token_ids(seg, seed: int = 2):
     return jnp.asarray(np.random.default_rng(seed).integers(1, 64, np.shape(seg)), jnp.int32)
 
 
-def xla_attention(seg, window):
+def xla_attention(seg, window, **arch_kw):
     """The reference: the xla path with its dense mask, positions restarting per document."""
-    arch = tiny("llama", attention_impl="xla")
+    arch = tiny("llama", attention_impl="xla", **arch_kw)
     pos = segment_positions(jnp.asarray(seg))
 
     def f(q, k, v):
@@ -88,6 +87,10 @@ def tiny(family: str, **kw) -> ArchConfig:
                 head_dim=16)  # fmt: skip
     if family == "qwen2":
         base.update(qkv_bias=True, layer_windows=(0, WINDOW), tie_word_embeddings=True)
+    if family == "gemma2":  # soft-capped attention logits, its own scale, a sliding and a global layer
+        base.update(norm_plus_one=True, activation="gelu_tanh", tie_word_embeddings=True, embed_scale=True,
+                    sandwich_norms=True, layer_windows=(WINDOW, 0), query_pre_attn_scalar=24.0, attn_softcap=2.0,
+                    final_softcap=5.0)  # fmt: skip
     return ArchConfig(model_type=family, **{**base, **kw})
 
 
@@ -104,17 +107,19 @@ def run(fn, *args):
 
 
 @pytest.mark.parametrize(
-    "kv_heads,window,t",
-    [(2, None, 128), (1, WINDOW, 160)],  # GQA 4:2, no window; MQA 4:1, a window, T padded up to the block
-    ids=["gqa", "mqa-window-padded-T"],
+    "kv_heads,window,t,gemma",
+    [(2, None, 128, {}), (1, WINDOW, 160, {}), (2, WINDOW, 128, {"attn_softcap": 1.5, "query_pre_attn_scalar": 8.0})],
+    # GQA 4:2, no window; MQA 4:1, a window, T padded up to the block; Gemma 2's soft-cap and attention scale
+    ids=["gqa", "mqa-window-padded-T", "gemma2-softcap"],
 )
-def test_splash_equals_xla_forward_and_gradients(kv_heads, window, t):
+def test_splash_equals_xla_forward_and_gradients(kv_heads, window, t, gemma):
     seg = rows(t)
     q, k, v = qkv(t, 4, kv_heads)
     real = jnp.asarray(seg > 0, jnp.float32)[..., None, None]
     cotangent = qkv(t, 4, kv_heads, seed=1)[0] * real  # a loss over real tokens only
-    splash = lambda q, k, v: attend_tpu(q, k, v, jnp.asarray(seg), scale=1 / math.sqrt(16), window=window,
-                                        interpret=True)  # fmt: skip
+    scale = tiny("llama", **gemma).attn_scale  # 1 / sqrt(16) but with query_pre_attn_scalar
+    splash = lambda q, k, v: attend_tpu(q, k, v, jnp.asarray(seg), scale=scale, window=window, interpret=True,
+                                        softcap=gemma.get("attn_softcap"))  # fmt: skip
 
     def forward_backward(f):
         def both(q, k, v):
@@ -124,7 +129,10 @@ def test_splash_equals_xla_forward_and_gradients(kv_heads, window, t):
         return both
 
     out, grads = run(forward_backward(splash), q, k, v)
-    want, want_grads = run(forward_backward(xla_attention(seg, window)), q, k, v)
+    want, want_grads = run(forward_backward(xla_attention(seg, window, **gemma)), q, k, v)
+    if gemma:  # the soft-cap bends these logits: without it the reference differs
+        plain = run(xla_attention(seg, window, query_pre_attn_scalar=8.0), q, k, v)
+        assert float(jnp.abs(plain - want).max()) > 1e-2
     assert_same(out, want, seg, "forward")
     if window is None:  # without a window pad rows agree too (with one they count indices, not positions)
         chex.assert_trees_all_close(out, want, **TOL)
@@ -141,10 +149,11 @@ def prefill(arch, params, ids, seg, extra=None):
     return hidden, cache[kv_cache.COLLECTION]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
 def test_decoder_with_splash_equals_xla(family):
-    """The whole decoder, scanned layers (Qwen2's traced per-layer window picks its kernel by `lax.switch`):
-    hidden states and the keys / values it caches for decoding, on real tokens."""
+    """The whole decoder, scanned layers (Qwen2's and Gemma 2's traced per-layer window picks its kernel by
+    `lax.switch`; Gemma 2's kernels soft-cap): hidden states and the keys / values it caches for decoding, on
+    real tokens."""
     seg = jnp.asarray(rows(128))
     ids = token_ids(seg)
     params = tiny_params(tiny(family))
@@ -240,6 +249,27 @@ def test_what_a_path_cannot_take_falls_back_once():
     assert attention._serving(bf16, "cudnn", 1, decoding=True)[0] == "xla"
     assert attention._serving(fp32, "splash", 128, decoding=False) == ("splash", None)
     assert attention.uses_kernel(fp32, "splash", 128) and not attention.uses_kernel(fp32, "auto", 128)  # CPU
+
+
+def test_cudnn_cannot_softcap_and_runs_the_pallas_gpu_kernel_with_one_line(caplog):
+    """Gemma 2 on `cudnn` (bf16): cuDNN has no logit soft-cap, so the pass is the Pallas GPU kernel's, which
+    soft-caps (the same program, so the same numbers: tests/models/test_attention_gpu.py checks that kernel's
+    soft-cap against the reference), announced once per trace."""
+    bf16 = tiny("gemma2", dtype="bfloat16")
+    impl, reason = attention._serving(bf16, "cudnn", 128, decoding=False)
+    assert impl == "pallas_gpu" and "soft-capping" in reason
+    assert attention._serving(tiny("llama", dtype="bfloat16"), "cudnn", 128, decoding=False) == ("cudnn", None)
+    seg = jnp.asarray(rows(32))
+    ids, pos = token_ids(seg), segment_positions(seg)
+    params = tiny_params(bf16)
+    program = lambda impl: jax.make_jaxpr(
+        lambda p: Decoder(tiny("gemma2", dtype="bfloat16", attention_impl=impl)).apply({"params": p}, ids, seg, pos)
+    )(params)
+    with caplog.at_level(logging.INFO, logger="jaxtune.models.attention"):
+        got = program("cudnn")
+    lines = [r.getMessage() for r in caplog.records if "falls back to pallas_gpu" in r.getMessage()]
+    assert len(lines) == 1 and "soft-capping" in lines[0], lines
+    assert str(got) == str(program("pallas_gpu"))
 
 
 def test_splash_lowers_to_the_tpu_kernel_without_a_t_by_t_tensor():

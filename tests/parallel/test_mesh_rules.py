@@ -415,8 +415,8 @@ def one_trace_per_arch(monkeypatch):
 _abstract_variables: dict = {}
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "phi3", "phi3_longrope",
-                                    "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"])  # fmt: skip
+@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
+                                    "phi3", "phi3_longrope", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"])  # fmt: skip
 def test_every_leaf_of_the_real_trees_is_sharded_by_the_rules(eight_devices, one_trace_per_arch, family):
     """For every plan of `PLANS` on every mesh of `MESHES`: each leaf's spec is the hand table applied to the
     axes its path implies; every sharded dim is divisible by its mesh axes; every base kernel, embedding and
@@ -429,8 +429,8 @@ def test_every_leaf_of_the_real_trees_is_sharded_by_the_rules(eight_devices, one
     from jaxtune.treepath import path_keys
 
     assert set(FAMILIES) == {
-        "llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "phi3", "phi3_longrope", "gpt2", "mixtral",
-        "qwen2_moe", "qwen3_moe",
+        "llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "phi3_longrope", "gpt2",
+        "mixtral", "qwen2_moe", "qwen3_moe",
     }, "add the new family"  # fmt: skip
     seen_collections = set()
     for mesh_shape, plan_name in itertools.product(MESHES, MOE_PLANS if family in MOE_FAMILIES else PLANS):

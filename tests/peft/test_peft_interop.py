@@ -1,7 +1,8 @@
 """Adapters in the PEFT library's format, both ways, against `peft` 0.21 on the matching `transformers` model.
 
 Per family (Llama: untied head; Qwen2: q/k/v biases, tied head, sliding window; GPT-2: Conv1D [in, out] weights
-and the fused `c_attn`; Phi-3: HF's fused `qkv_proj` / `gate_up_proj`, all-linear) and variant (LoRA, rsLoRA with a per-module rank, DoRA, PiSSA, (IA)^3, prompt tuning,
+and the fused `c_attn`; Phi-3: HF's fused `qkv_proj` / `gate_up_proj`, all-linear; Gemma 2 / Gemma 3: sandwich norms,
+soft-caps, q/k norms and two RoPEs, LoRA only) and variant (LoRA, rsLoRA with a per-module rank, DoRA, PiSSA, (IA)^3, prompt tuning,
 prefix tuning):
 - jaxtune -> PEFT: non-zero trained-looking adapters (LoRA B and DoRA magnitudes randomised) written by
   `save_adapter` load with `PeftModel.from_pretrained` and give jaxtune's logits (<= 1e-4, fp32);
@@ -41,7 +42,7 @@ GPT2_TARGETS = {"lora": ["c_attn", "attn.c_proj", "mlp.c_proj"], "dora": ["c_att
 PHI3_TARGETS = {"lora": "all-linear"}
 CASES = [(f, v) for f in ("llama", "qwen2") for v in ("lora", "rslora", "dora")]
 CASES += [("gpt2", "lora"), ("gpt2", "dora"), ("llama", "pissa"), ("llama", "ia3"), ("llama", "prompt"),
-          ("llama", "prefix"), ("phi3", "lora")]  # fmt: skip
+          ("llama", "prefix"), ("phi3", "lora"), ("gemma2", "lora"), ("gemma3", "lora")]  # fmt: skip
 IDS = np.random.RandomState(0).randint(1, 128, (2, 9))
 ATOL = 1e-4
 

@@ -403,6 +403,9 @@ class TorchTokenLM:
 class JaxTokenLM:
     """jaxtune's `LM` for the same model: `variables["params"]["table"]` picks policy or reference."""
 
+    # a table, not a decoder: no experts (the stages read lm.arch only for the MoE router losses)
+    arch = types.SimpleNamespace(num_experts=0)
+
     def __init__(self, pos):
         self.pos = pos  # numpy float64: made a jax array inside `ours`, under enable_x64
 
@@ -414,6 +417,10 @@ class JaxTokenLM:
         lp = jax.nn.log_softmax(logits, -1)
         logp = jnp.take_along_axis(lp, jnp.asarray(batch.targets)[..., None], -1)[..., 0]
         return TokenStats(logp, jax.nn.logsumexp(logits, -1), logits.mean(-1), jnp.zeros(ids.shape, bool))
+
+    def stats_moe(self, variables, batch, rng=None, train=False):
+        """The policy forward the stages call (`LM.stats_moe`): no experts, so no router losses."""
+        return self.stats(variables, batch, rng, train), None
 
 
 def jax_variables(policy, ref):

@@ -27,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.data.batch import PromptBatch, TokenBatch
+from jaxtune.errors import RunError
 from jaxtune.generate import cut_at_stop, sample, stop_array
 from jaxtune.methods.forward import LM
 from jaxtune.methods.logps import TokenStats, token_stats
+from jaxtune.models import longrope
 from jaxtune.models.adapters_hook import without_adapters
 from jaxtune.models.decoder import Decoder, segment_positions
 
@@ -82,6 +84,14 @@ def sample_completions(ctx: RolloutContext, variables: dict, prompts: TokenBatch
     g = ctx.generation
     settings = dict(temperature=0.0, top_k=0, top_p=1.0) if greedy else dict(
         temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p))  # fmt: skip
+    longest = int(mask.sum(1).max()) if mask.size else 0
+    crossing = longrope.cache_crossing(ctx.lm.arch, longest, longest + int(g.max_new_tokens))
+    if crossing:  # the cached sampler would keep short-factor keys where transformers recomputes with long ones
+        raise RunError(
+            f"{crossing.split(', where')[0]}: rollouts sample with the KV cache, which cannot switch the RoPE "
+            "factors mid-generation; keep prompt + generation.max_new_tokens within "
+            "original_max_position_embeddings, or start past it (longer prompts)"
+        )
     tokens, keep = sample(ctx.lm.arch, variables, ids, mask, rng, stop_array(ctx.stop_ids),
                           max_new_tokens=g.max_new_tokens, **settings)  # fmt: skip
     return ids, mask, np.asarray(tokens), np.asarray(keep)

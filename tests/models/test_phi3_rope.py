@@ -58,3 +58,26 @@ def test_phi3_rope_parameters_match_transformers():
     ):  # fmt: skip
         with pytest.raises(UnsupportedModelError, match=field):
             arch_from_hf({**BASE, "partial_rotary_factor": 0.75, **bad})
+
+
+def test_rl_rollouts_refuse_a_generation_that_crosses_longrope_switch():
+    """The cached rollout sampler cannot switch longrope's factors mid-generation (transformers recomputes
+    there): such a rollout is an error naming the settings, never a silently different sampling policy."""
+    import types
+
+    import numpy as np
+    import pytest
+    from tiny_models import FAMILIES
+
+    from jaxtune.data.batch import TokenBatch
+    from jaxtune.errors import RunError
+    from jaxtune.methods.rollout import sample_completions
+    from jaxtune.models.families import arch_from_hf
+
+    arch = arch_from_hf(dict(FAMILIES["phi3_longrope"]))  # original_max_position_embeddings = 8
+    ids = np.ones((1, 6), np.int32)
+    prompts = TokenBatch(ids, ids * 0, ids * 0.0, ids, np.arange(6)[None])
+    ctx = types.SimpleNamespace(lm=types.SimpleNamespace(arch=arch), stop_ids=(),
+                                generation=types.SimpleNamespace(max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0))  # fmt: skip
+    with pytest.raises(RunError, match="original_max_position_embeddings=8"):
+        sample_completions(ctx, {}, prompts, None)

@@ -107,6 +107,17 @@ FAMILIES = {
 }  # fmt: skip
 
 
+def perturb(model):
+    """Every parameter moved by N(0, 0.1^2) noise (module docstring), in place, drawing from the torch RNG the
+    caller seeded before building the model (so init and noise both follow that seed)."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
 def build_hf(family: str, seed: int = 0, **overrides):
     """A perturbed random transformers model (eval mode, fp32) for one family."""
     import torch
@@ -116,11 +127,7 @@ def build_hf(family: str, seed: int = 0, **overrides):
     model_type = kwargs.pop("model_type")
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return perturb(AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval())
 
 
 def build_hf_gemma3_multimodal(seed: int = 0, **text_overrides):
@@ -135,11 +142,7 @@ def build_hf_gemma3_multimodal(seed: int = 0, **text_overrides):
                   num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
     config = AutoConfig.for_model("gemma3", text_config=text_config, vision_config=vision, mm_tokens_per_image=4)
     torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return perturb(Gemma3ForConditionalGeneration._from_config(config, attn_implementation="eager").eval())
 
 
 def save_hf(family: str, directory, seed: int = 0, **overrides):

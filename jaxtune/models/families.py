@@ -237,19 +237,11 @@ def arch_from_hf(cfg: dict, **runtime) -> ArchConfig:
         )
     if mt in GEMMA_DEFAULTS:
         return _gemma(cfg, mt, runtime)
-    heads = cfg["num_attention_heads"]
     attn_bias = bool(cfg.get("attention_bias", False)) and mt != "phi3"  # Phi3 Linears never have biases
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    theta, rope = _phi3_rope(cfg, head_dim) if mt == "phi3" else _rope(cfg)
+    theta, rope = _phi3_rope(cfg, _sizes(cfg)["head_dim"]) if mt == "phi3" else _rope(cfg)
     return ArchConfig(
         model_type=mt,
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_layers=cfg["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
+        **_sizes(cfg),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096 if mt == "phi3" else 2048),
         norm_eps=cfg.get("rms_norm_eps", 1e-5 if mt == "phi3" else 1e-6),
         norm_plus_one=mt == "gemma",
@@ -271,6 +263,20 @@ def arch_from_hf(cfg: dict, **runtime) -> ArchConfig:
     )
 
 
+def _sizes(cfg: dict) -> dict:
+    """The ArchConfig sizes of a Llama-style config.json (every family but GPT-2 names them alike)."""
+    heads = cfg["num_attention_heads"]
+    return dict(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+    )
+
+
 def _gemma(cfg: dict, mt: str, runtime: dict) -> ArchConfig:
     """Gemma 2 and Gemma 3 (text): Gemma's `1 + w` RMSNorm, GeGLU and sqrt(d)-scaled tied embeddings, plus the
     sandwich norms, query_pre_attn_scalar, alternating sliding / global layers and the final-logit soft-cap;
@@ -279,7 +285,6 @@ def _gemma(cfg: dict, mt: str, runtime: dict) -> ArchConfig:
     cfg = {**GEMMA_DEFAULTS[mt], **cfg}
     if cfg.get("use_bidirectional_attention"):
         raise UnsupportedModelError(f"{mt} with use_bidirectional_attention=true (an encoder) is not supported")
-    heads = cfg["num_attention_heads"]
     if mt == "gemma3_text":
         (theta, rope), (local_theta, local_rope) = _gemma3_rope(cfg)
     else:
@@ -287,13 +292,7 @@ def _gemma(cfg: dict, mt: str, runtime: dict) -> ArchConfig:
     attn_bias = bool(cfg.get("attention_bias", False))
     return ArchConfig(
         model_type=mt,
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_layers=cfg["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        **_sizes(cfg),
         max_position_embeddings=cfg["max_position_embeddings"],
         norm_eps=cfg["rms_norm_eps"],
         norm_plus_one=True,

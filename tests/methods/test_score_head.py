@@ -11,7 +11,7 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_models import FAMILIES, padded_batch
+from tiny_models import FAMILIES, padded_batch, perturb
 
 import jaxtune
 from jaxtune.models.score import init_score, last_token_index, seq_cls_config, sequence_scores, token_scores
@@ -26,11 +26,7 @@ def build_seq_cls(family: str, seed: int = 0):
     kwargs = dict(FAMILIES[family])
     config = AutoConfig.for_model(kwargs.pop("model_type"), num_labels=1, pad_token_id=PAD, **kwargs)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return perturb(AutoModelForSequenceClassification.from_config(config, attn_implementation="eager").eval())
 
 
 def hf_scores(model, ids, mask) -> np.ndarray:

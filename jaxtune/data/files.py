@@ -6,6 +6,13 @@ these, and anything else through `datasets` (`save_to_disk` folders, Arrow files
 some machines lack it. Readers are generators so that streaming never holds a file's records in memory
 (except JSON arrays, which are parsed whole: use JSONL for larger-than-memory data).
 
+A file with nothing to read (empty, only whitespace, `[]`, `{}`, a CSV header alone, a Parquet file with no
+rows) is an error naming it: a source that reads as nothing is almost always a failed export. In a directory,
+such a file among others is an error too with `on_error: raise` (the message says how to skip it), and a
+counted, logged skip ("empty file") with `on_error: skip`; a directory whose files are all empty is an error.
+JSON is read strictly, except that a trailing comma before an array's closing `]` and the constants NaN and
+Infinity (which Python's json accepts) are read with a warning naming the file and line, once per file.
+
 Bad bytes are found by decoding with `surrogateescape`: a non-UTF-8 byte becomes a lone surrogate that
 survives JSON parsing, so the error can name the field that holds it, not just the line.
 """
@@ -21,9 +28,11 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from jaxtune.data.errors import DataError, ErrorPolicy
+from jaxtune.data import csv_checks
+from jaxtune.data.errors import DataError, ErrorPolicy, log
+from jaxtune.data.json_text import Lenient, hint, json_error
 
-TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
 SUFFIXES = TEXT_SUFFIXES + (".parquet",)
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
 _WS = re.compile(r"[ \t\n\r]*")
@@ -76,8 +85,41 @@ def _read_dir(path: Path, policy: ErrorPolicy, split: str) -> Iterator[RawRow]:
         raise DataError(
             f"directory holds no {'/'.join(SUFFIXES)} files", file=str(path), reason="empty directory"
         )
+    empty: list[str] = []
     for f in files:
-        yield from read_rows(f, policy, split)
+        try:
+            yield from read_rows(f, policy, split)
+        except DataError as err:
+            if err.reason != EMPTY or err.file != str(f):
+                raise
+            empty.append(f.name)
+            if len(empty) == len(files):
+                raise DataError(
+                    f"the directory holds no rows: all its {len(files)} data files are empty "
+                    f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''})",
+                    file=str(path),
+                    reason=EMPTY,
+                ) from None
+            policy.handle(
+                DataError(
+                    f"{err.message} (in the directory {path}, among {len(files)} data files: remove it, or set "
+                    "data.on_error: skip to skip empty files)"
+                    if policy.on_error == "raise"
+                    else f"{err.message}; skipped (in the directory {path})",
+                    file=err.file,
+                    reason=EMPTY,
+                )
+            )
+
+
+EMPTY = "empty file"
+
+
+def _empty(path, text: str | None = None, what: str | None = None) -> DataError:
+    """The error for a file with no rows: empty, only whitespace, or `what` (e.g. "an empty JSON list")."""
+    if what is None:
+        what = "the file is empty" if not text else "the file holds only whitespace"
+    return DataError(f"{what}: no rows to read", file=str(path), reason=EMPTY)
 
 
 def _open_bytes(path: Path) -> bytes:
@@ -135,12 +177,12 @@ def _object_or_error(obj, file: str, row: int, line: int | None) -> dict:
     return obj
 
 
-def _parse_line(line: str, bad: bool, file: str, row: int, lineno: int) -> dict:
+def _parse_line(line: str, bad: bool, file: str, row: int, lineno: int, lenient: Lenient) -> dict:
     try:
-        obj = json.loads(line)
+        obj = lenient.loads(line, lineno)
     except json.JSONDecodeError as e:
         raise DataError(
-            f"malformed JSON line ({e.msg} at column {e.colno})",
+            f"malformed JSON line ({e.msg} at column {e.colno}{hint(line, e.pos)})",
             file=file,
             row=row,
             line=lineno,
@@ -154,15 +196,18 @@ def _parse_line(line: str, bad: bool, file: str, row: int, lineno: int) -> dict:
 
 def _jsonl_rows(lines, file: str, policy: ErrorPolicy) -> Iterator[RawRow]:
     """`lines` yields (lineno, text, had_bad_bytes); blank lines are not rows."""
-    row = 0
+    row, seen_text, lenient = 0, False, Lenient(file)
     for lineno, line, bad in lines:
+        seen_text = seen_text or bool(line)
         if not line.strip():
             continue
         try:
-            yield RawRow(file, row, lineno, _parse_line(line, bad, file, row, lineno))
+            yield RawRow(file, row, lineno, _parse_line(line, bad, file, row, lineno, lenient))
         except DataError as err:
             policy.handle(err)
         row += 1
+    if not row:
+        raise _empty(file, " " if seen_text else "")
 
 
 def _read_jsonl(path: Path, policy: ErrorPolicy) -> Iterator[RawRow]:
@@ -178,46 +223,30 @@ def _read_json(path: Path, policy: ErrorPolicy) -> Iterator[RawRow]:
     file = str(path)
     pos = _WS.match(text).end()
     if pos == len(text):
-        return
+        raise _empty(file, text)
+    lenient = Lenient(file)
     if text[pos] == "{":
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:  # JSON lines saved with a .json suffix (common)
-            lines = ((i, ln, bad) for i, ln in enumerate(text.splitlines(), start=1))
-            yield from _jsonl_rows(lines, file, policy)
-            return
-        lists = [k for k, v in whole.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
-        if len(whole) == 1 and lists and lists[0] not in _MESSAGE_COLUMNS:  # {"data": [...]}: a wrapper
-            raise DataError(
-                f"the file holds one object with a list of records under '{lists[0]}'; save the list itself "
-                "(or JSON lines)",
-                file=file,
-                reason="malformed JSON",
-            )
-        if bad and _BAD_BYTE.search(text):
-            raise _utf8_error(file, 0, 1, whole)
-        yield RawRow(file, 0, 1, whole)  # a single record
+        yield from _read_json_object(text, bad, file, policy, lenient)
         return
     if text[pos] != "[":
-        raise DataError("expected a JSON list of records (or JSON lines)", file=file, reason="malformed JSON")
-    decoder = json.JSONDecoder()
+        raise DataError(
+            "expected a JSON list of records (or JSON lines)",
+            file=file,
+            line=text.count("\n", 0, pos) + 1,
+            reason="malformed JSON",
+        )
     pos = _WS.match(text, pos + 1).end()
+    if text.startswith("]", pos):
+        raise _empty(file, what="the file holds an empty JSON list")
     row, line, counted = 0, 1, 0
     while pos < len(text) and text[pos] != "]":
         line, counted = line + text.count("\n", counted, pos), pos  # incremental: O(file), not O(rows x file)
         try:
-            obj, end = decoder.raw_decode(text, pos)
+            lenient.line = line
+            obj, end = lenient.decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             # The rest of a broken array cannot be re-synchronised: report it and stop reading this file.
-            policy.handle(
-                DataError(
-                    f"malformed JSON ({e.msg} at line {e.lineno} column {e.colno}); the file may be truncated",
-                    file=file,
-                    row=row,
-                    line=line,
-                    reason="malformed JSON",
-                )
-            )
+            policy.handle(DataError(json_error(text, e), file=file, row=row, line=line, reason="malformed JSON"))
             return
         try:
             obj = _object_or_error(obj, file, row, line)
@@ -229,11 +258,20 @@ def _read_json(path: Path, policy: ErrorPolicy) -> Iterator[RawRow]:
         row += 1
         pos = _WS.match(text, end).end()
         if pos < len(text) and text[pos] == ",":
+            comma = pos
             pos = _WS.match(text, pos + 1).end()
+            if text.startswith("]", pos):  # `[..., ]`: unambiguous, read with a warning
+                log.warning(
+                    "%s, line %d: trailing comma before the closing ']' (not strict JSON; read as if absent)",
+                    file,
+                    text.count("\n", 0, comma) + 1,
+                )
         elif pos >= len(text) or text[pos] != "]":
+            found = "the end of the file" if pos >= len(text) else repr(text[pos])
             policy.handle(
                 DataError(
-                    "malformed JSON (expected ',' or ']' after the record); the file may be truncated",
+                    f"malformed JSON (expected ',' or ']' after the record, found {found} at column "
+                    f"{pos - text.rfind(chr(10), 0, pos)}){'; the file may be truncated' if pos >= len(text) else ''}",
                     file=file,
                     row=row,
                     line=text.count("\n", 0, pos) + 1,
@@ -241,31 +279,104 @@ def _read_json(path: Path, policy: ErrorPolicy) -> Iterator[RawRow]:
                 )
             )
             return
+    rest = _WS.match(text, pos + 1).end()
+    if pos < len(text) and rest < len(text):
+        # e.g. two lists written one after the other, or a stray bracket: not silently ignored
+        line = text.count("\n", 0, rest) + 1
+        policy.handle(
+            DataError(
+                f"malformed JSON (more text after the list's closing ']' at line {line} column "
+                f"{rest - text.rfind(chr(10), 0, rest)}: {text[rest : rest + 20]!r})",
+                file=file,
+                line=line,
+                reason="malformed JSON",
+            )
+        )
 
 
-def _read_csv(path: Path, policy: ErrorPolicy) -> Iterator[RawRow]:
+def _read_json_object(text: str, bad: bool, file: str, policy: ErrorPolicy, lenient: Lenient):
+    """A `.json` file starting with `{`: one record, or JSON lines saved with a .json suffix (common)."""
+    try:
+        lenient.line = 1
+        whole = lenient.decoder.decode(text)
+    except json.JSONDecodeError as e:
+        first = next((i for i, ln in enumerate(text.splitlines(), start=1) if ln.strip()), 1)
+        try:
+            json.loads(text.splitlines()[first - 1])
+        except json.JSONDecodeError:  # the first line is no record alone: one (multi-line) broken object
+            raise DataError(json_error(text, e), file=file, row=0, line=first, reason="malformed JSON") from None
+        lines = ((i, ln, bad) for i, ln in enumerate(text.splitlines(), start=1))
+        yield from _jsonl_rows(lines, file, policy)
+        return
+    if not whole:
+        raise _empty(file, what="the file holds an empty JSON object")
+    lists = [k for k, v in whole.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    if len(whole) == 1 and lists and lists[0] not in _MESSAGE_COLUMNS:  # {"data": [...]}: a wrapper
+        raise DataError(
+            f"the file holds one object with a list of records under '{lists[0]}'; save the list itself "
+            "(or JSON lines)",
+            file=file,
+            reason="malformed JSON",
+        )
+    if bad and _BAD_BYTE.search(text):
+        raise _utf8_error(file, 0, 1, whole)
+    yield RawRow(file, 0, 1, whole)  # a single record
+
+
+def _read_csv(path: Path, policy: ErrorPolicy, delimiter: str = ",") -> Iterator[RawRow]:
     text, bad = _decode(_open_bytes(path))
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    file = str(path)
+    if not text.strip():
+        raise _empty(file, text)
+    header = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
+    quote_error, warnings = csv_checks.check_quotes(text, file, header, delimiter)
+    for w in warnings[:1]:  # once per file: the first is the pattern
+        log.warning("%s", w)
+    if quote_error is not None and quote_error.row is None:  # in the header: nothing can be read
+        raise quote_error
+    csv_checks.check_header(header, file, delimiter)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    _ = reader.fieldnames  # reads the header
+    end, row = reader.line_num, -1
     for row, obj in enumerate(reader):
+        start, end = end + 1, reader.line_num  # a record may span lines: the first one is where it starts
+        if quote_error is not None and row >= quote_error.row:
+            policy.handle(quote_error)  # the rest of the file cannot be re-synchronised
+            return
         try:
             if None in obj:
                 raise DataError(
-                    "more cells than header columns",
-                    file=str(path),
-                    row=row,
-                    line=reader.line_num,
-                    reason="bad CSV",
-                )
+                    f"more cells than header columns ({len(header) + len(obj[None])} cells, {len(header)} "
+                    "columns); quote cells that hold the delimiter",
+                    file=file, row=row, line=start, reason="bad CSV",
+                )  # fmt: skip
+            short = [k for k, v in obj.items() if v is None]
+            if short:
+                raise DataError(
+                    f"fewer cells than header columns ({len(header) - len(short)} of {len(header)}; missing: "
+                    f"{', '.join(short)})",
+                    file=file, row=row, line=start, field=short[0], reason="bad CSV",
+                )  # fmt: skip
             if bad and any(isinstance(v, str) and _BAD_BYTE.search(v) for v in obj.values()):
-                raise _utf8_error(str(path), row, reader.line_num, obj)
-            yield RawRow(str(path), row, reader.line_num, obj)
+                raise _utf8_error(file, row, start, obj)
+            yield RawRow(file, row, start, obj)
         except DataError as err:
             policy.handle(err)
+    if quote_error is not None:
+        policy.handle(quote_error)
+    elif row < 0:
+        raise _empty(file, what=f"the file holds only a header row ({', '.join(header)})")
+
+
+def _read_tsv(path: Path, policy: ErrorPolicy) -> Iterator[RawRow]:
+    yield from _read_csv(path, policy, "\t")
 
 
 def _read_txt(path: Path, policy: ErrorPolicy) -> Iterator[RawRow]:
     """One document per line; or per block when the file has blank lines separating paragraphs."""
     text, bad = _decode(_open_bytes(path))
+    if not text.strip():
+        raise _empty(path, text)
     lines = text.splitlines()
     filled = [i for i, ln in enumerate(lines) if ln.strip()]
     # Blocks only when a blank line separates text (trailing blank lines do not count).
@@ -297,6 +408,8 @@ def _read_parquet(path: Path, policy: ErrorPolicy) -> Iterator[RawRow]:
         for obj in batch.to_pylist():
             yield RawRow(str(path), row, None, obj)
             row += 1
+    if not row:
+        raise _empty(path, what="the file holds no rows (a Parquet table of 0 rows)")
 
 
 def _read_with_datasets(path: Path, split: str) -> Iterator[RawRow]:
@@ -325,6 +438,8 @@ def _read_with_datasets(path: Path, split: str) -> Iterator[RawRow]:
         if split not in ds:
             raise DataError(f"no split '{split}' (has {sorted(ds)})", file=str(path), reason="missing split")
         ds = ds[split]
+    if len(ds) == 0:
+        raise _empty(path, what=f"the dataset holds no rows (split '{split}')")
     for row, obj in enumerate(ds):
         yield RawRow(str(path), row, None, dict(obj))
 
@@ -333,6 +448,7 @@ _READERS = {
     ".json": _read_json,
     ".jsonl": _read_jsonl,
     ".csv": _read_csv,
+    ".tsv": _read_tsv,
     ".txt": _read_txt,
     ".parquet": _read_parquet,
 }

@@ -51,7 +51,8 @@ QA_PAIRS = (
     ("input", "output"),
     ("input", "target"),
 )
-_LABEL_TEXT = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+# Text labels, as CSV cells hold them; "yes"/"no" and other words are not read as booleans.
+_LABEL_TEXT = {"true": True, "false": False, "1": True, "0": False}
 
 
 def did_you_mean(name: str, options) -> str:
@@ -126,7 +127,7 @@ class _Row:
         if isinstance(value, str) and value.strip().lower() in _LABEL_TEXT:
             return _LABEL_TEXT[value.strip().lower()]
         raise DataError(
-            f"KTO label must be a boolean, got {value!r}",
+            f"KTO label must be a boolean, got {value!r} (true/false; 1/0 and 'true'/'false' text also read)",
             field=self.col(key, default),
             reason="wrong type",
             **self.loc,
@@ -168,6 +169,43 @@ def _turns(r: _Row, value, key: str, default: str, tags: dict | None = None) -> 
     items = msgs.as_list(value, field, r.loc)
     tags = tags or msgs.guess_tags(items[0] if items else None)
     return msgs.parse_messages(items, tags, field, r.loc)
+
+
+def _role_tag(value, tags: dict | None) -> str | None:
+    """The role key of a message column's messages (for field names); None for a plain string."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        return None
+    return (tags or msgs.guess_tags(value[0] if value else None))["role_tag"]
+
+
+def _order(r: _Row, messages, key: str, default: str, value, tags=None, offset=0, after=None) -> None:
+    msgs.check_order(messages, r.col(key, default), r.loc, _role_tag(value, tags), offset, after)
+
+
+def _said(messages) -> bool:
+    return any(m.content.strip() or m.tool_calls for m in messages)
+
+
+def _check_pair(r: _Row, chosen, rejected, keys=("chosen", "rejected")) -> None:
+    """A preference pair teaches something only when both responses say something, and differently."""
+    for side, key in zip((chosen, rejected), keys):
+        if not _said(side):
+            raise r.error(f"the {key} response is empty", r.col(key, key), "empty completion")
+    strip = lambda side: [(m.role, m.content.strip(), m.tool_calls) for m in side]  # noqa: E731
+    if strip(chosen) == strip(rejected):
+        raise r.error(
+            "chosen and rejected are identical (the pair teaches nothing)",
+            r.col(keys[0], keys[0]),
+            "chosen and rejected identical",
+        )
+
+
+def _check_completion(r: _Row, messages, field: str | None) -> None:
+    """A KTO row labels its response: an empty one is a broken row, not a quietly dropped one."""
+    if not _said([m for m in messages if m.role in ("assistant", "function_call")]):
+        raise r.error("the completion is empty (a KTO row labels its response)", field, "empty completion")
 
 
 def _prompt(r: _Row, value, key: str, default: str, tags: dict | None = None) -> list[Message]:
@@ -212,15 +250,21 @@ def _alpaca(r: _Row, ranking: bool) -> Record:
                     "ranking response must be [chosen, rejected]", r.col("response", "output"), "wrong type"
                 )
             chosen, rejected = pair
-        return Preference(
-            tuple(turns),
-            (Message("assistant", chosen),),
-            (Message("assistant", rejected),),
-            system,
-            **_loc(r),
-        )
+            for x in pair:
+                if not isinstance(x, str):
+                    raise r.error(
+                        f"ranking response must be [chosen, rejected] strings, got {type(x).__name__}",
+                        r.col("response", "output"),
+                        "wrong type",
+                    )
+        chosen_m, rejected_m = (Message("assistant", chosen),), (Message("assistant", rejected),)
+        keys = ("chosen", "rejected") if r.has("chosen", "chosen") else ("response", "response")
+        _check_pair(r, chosen_m, rejected_m, keys)
+        return Preference(tuple(turns), chosen_m, rejected_m, system, **_loc(r))
     response = r.text("response", "output")
     label = r.label("kto_tag", "label") if r.col("kto_tag") else None
+    if label is not None:
+        _check_completion(r, [Message("assistant", response)], r.col("response", "output"))
     return _conversation(r, turns + [Message("assistant", response)], system=system, label=label)
 
 
@@ -234,15 +278,23 @@ def _chat(r: _Row, ranking: bool, default_col: str, explicit_tags: Mapping) -> R
         tags = {**msgs.SHAREGPT_TAGS, **explicit_tags}
     else:
         tags = msgs.guess_tags(items[0])
-    messages = msgs.parse_messages(items, tags, field, r.loc)
-    system, messages = msgs.split_system(messages, field, r.loc)
+    parsed = msgs.parse_messages(items, tags, field, r.loc)
+    system, messages = msgs.split_system(parsed, field, r.loc)
+    msgs.check_order(messages, field, r.loc, tags["role_tag"], len(parsed) - len(messages))
     system = r.text("system", "system", required=False) or system
     tools = r.get("tools", "tools", required=False)
     if ranking:
-        chosen = _turns(r, r.get("chosen", "chosen"), "chosen", "chosen", tags)
-        rejected = _turns(r, r.get("rejected", "rejected"), "rejected", "rejected", tags)
-        return Preference(tuple(messages), tuple(chosen), tuple(rejected), system, _tools(tools), **_loc(r))
+        sides = []
+        for key in ("chosen", "rejected"):
+            value = r.get(key, key)
+            side = _turns(r, value, key, key, tags)
+            _order(r, side, key, key, value, tags, after=messages[-1].role if messages else None)
+            sides.append(side)
+        _check_pair(r, *sides)
+        return Preference(tuple(messages), tuple(sides[0]), tuple(sides[1]), system, _tools(tools), **_loc(r))
     label = r.label("kto_tag", "label") if r.col("kto_tag") else None
+    if label is not None:
+        _check_completion(r, messages, field)
     return _conversation(r, messages, system=system, tools=tools, label=label)
 
 
@@ -254,18 +306,30 @@ def _preference(r: _Row) -> Record:
     chosen_v, rejected_v = r.get("chosen", "chosen"), r.get("rejected", "rejected")
     system = r.text("system", "system", required=False)
     if r.has("prompt", "prompt"):
-        prompt = _prompt(r, r.get("prompt", "prompt"), "prompt", "prompt")
+        prompt_v = r.get("prompt", "prompt")
+        prompt = _prompt(r, prompt_v, "prompt", "prompt")
         chosen = _turns(r, chosen_v, "chosen", "chosen")
         rejected = _turns(r, rejected_v, "rejected", "rejected")
+        s, rest = msgs.split_system(prompt, r.col("prompt", "prompt"), r.loc)
+        _order(r, rest, "prompt", "prompt", prompt_v, offset=len(prompt) - len(rest))
+        last = rest[-1].role if rest else None
+        _order(r, chosen, "chosen", "chosen", chosen_v, after=last)
+        _order(r, rejected, "rejected", "rejected", rejected_v, after=last)
+        prompt = rest
     else:
         # TRL "implicit prompt": chosen and rejected are whole conversations sharing the prompt turns.
         full_c = _turns(r, chosen_v, "chosen", "chosen")
         full_r = _turns(r, rejected_v, "rejected", "rejected")
+        for full, key, value in ((full_c, "chosen", chosen_v), (full_r, "rejected", rejected_v)):
+            _, rest = msgs.split_system(full, r.col(key, key), r.loc)
+            if len(rest) < len(full) or len(full) > 1:  # a lone answer string has no order to check
+                _order(r, rest, key, key, value, offset=len(full) - len(rest))
         n = 0
         while n < min(len(full_c), len(full_r)) - 1 and full_c[n] == full_r[n]:
             n += 1
         prompt, chosen, rejected = full_c[:n], full_c[n:], full_r[n:]
-    s, prompt = msgs.split_system(prompt, r.col("prompt", "prompt"), r.loc)
+        s, prompt = msgs.split_system(prompt, r.col("prompt", "prompt"), r.loc)
+    _check_pair(r, chosen, rejected)
     tools = _tools(r.get("tools", "tools", required=False))
     return Preference(tuple(prompt), tuple(chosen), tuple(rejected), system or s, tools, **_loc(r))
 
@@ -274,18 +338,27 @@ def _kto(r: _Row) -> Record:
     label = r.label("kto_tag", "label")
     if r.has("messages", "messages") or not r.has("prompt", "prompt"):
         rec = _chat(r, False, "messages", {})
+        _check_completion(r, rec.messages, r.col("messages", "messages"))
         return dataclasses.replace(rec, label=label)
-    prompt = _prompt(r, r.get("prompt", "prompt"), "prompt", "prompt")
-    completion = _turns(r, r.get("response", "completion"), "response", "completion")
-    system, prompt = msgs.split_system(prompt, r.col("prompt", "prompt"), r.loc)
-    return _conversation(r, prompt + completion, system=system, label=label)
+    prompt_v, completion_v = r.get("prompt", "prompt"), r.get("response", "completion")
+    prompt = _prompt(r, prompt_v, "prompt", "prompt")
+    completion = _turns(r, completion_v, "response", "completion")
+    system, rest = msgs.split_system(prompt, r.col("prompt", "prompt"), r.loc)
+    _order(r, rest, "prompt", "prompt", prompt_v, offset=len(prompt) - len(rest))
+    _order(r, completion, "response", "completion", completion_v, after=rest[-1].role if rest else None)
+    _check_completion(r, completion, r.col("response", "completion"))
+    return _conversation(r, rest + completion, system=system, label=label)
 
 
 def _qa(r: _Row) -> Record:
-    prompt = _prompt(r, r.get("prompt", "question"), "prompt", "question")
-    answer = _turns(r, r.get("response", "answer"), "response", "answer")
-    system = r.text("system", "system", required=False)
-    return _conversation(r, prompt + answer, system=system)
+    prompt_v, answer_v = r.get("prompt", "question"), r.get("response", "answer")
+    prompt = _prompt(r, prompt_v, "prompt", "question")
+    answer = _turns(r, answer_v, "response", "answer")
+    s, prompt_rest = msgs.split_system(prompt, r.col("prompt", "question"), r.loc)
+    _order(r, prompt_rest, "prompt", "question", prompt_v, offset=len(prompt) - len(prompt_rest))
+    _order(r, answer, "response", "answer", answer_v, after=prompt_rest[-1].role if prompt_rest else None)
+    system = r.text("system", "system", required=False) or s
+    return _conversation(r, prompt_rest + answer, system=system)
 
 
 def _text(r: _Row) -> Record:

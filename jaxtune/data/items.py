@@ -19,7 +19,7 @@ from jaxtune.config import DataConfig
 from jaxtune.data import prepare
 from jaxtune.data.batching import chunk, truncate
 from jaxtune.data.errors import DataError, ErrorPolicy
-from jaxtune.data.records import Conversation, Preference, Text, where
+from jaxtune.data.records import TRAINED_ROLES, Conversation, Preference, Text, where
 from jaxtune.data.tokenize import encode_example, encode_examples, encode_pair, encode_prompt
 from jaxtune.errors import RunError
 
@@ -82,10 +82,12 @@ class Encoder:
 
     def __call__(self, record) -> list:
         try:
-            return self._items(record)
+            items = self._items(record)
         except DataError as err:
             self.policy.handle(err.at(**where(record)))  # raises, or counts and logs the skip
-            return []
+            items = []
+        self.report.count_encoded(record, len(items))
+        return items
 
     @property
     def _whole(self) -> dict:
@@ -111,7 +113,25 @@ class Encoder:
             **where(record),
         )
 
+    def _check_ending(self, record) -> None:
+        """SFT and KTO train the conversation's last turn: it is the assistant's (LLaMA-Factory: an even number
+        of turns). Prompt-only records are valid for 'prompt' data (PPO/GRPO), which is why the loader does
+        not judge the ending."""
+        msgs = record.messages if isinstance(record, Conversation) else ()
+        if msgs and msgs[-1].role not in TRAINED_ROLES and any(m.role in TRAINED_ROLES for m in msgs):
+            role = {"observation": "tool result"}.get(msgs[-1].role, msgs[-1].role)
+            raise DataError(
+                f"the conversation ends with a {role} turn (message {len(msgs) - 1 + bool(record.system)}); "
+                f"'{self.kind}' data trains the last turn, which must be the assistant's (prompts without an "
+                "answer are 'prompt' data, for ppo/grpo)",
+                field="messages",
+                reason="ends without an assistant turn",
+                **where(record),
+            )
+
     def _items(self, record) -> list:
+        if self.kind in ("lm", "kto"):
+            self._check_ending(record)
         if self.kind in ("text", "lm"):
             if isinstance(record, Preference):
                 raise self._wrong(record, "text or conversations")

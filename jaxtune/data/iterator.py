@@ -112,6 +112,7 @@ class BatchIterator:
             rows += take
             self.row += len(take)
             if self.row >= len(self._rows) and self._advance_window():
+                epoch_rows = len(rows)
                 if rows and len(rows) < self.batch_size and self.drop_last:
                     self.dropped_rows += len(rows)
                     self.dropped_items += sum(map(len, rows))
@@ -119,7 +120,7 @@ class BatchIterator:
                 if not rows:
                     empty_epochs += 1
                     if empty_epochs > 1:
-                        raise RunError("the dataset yields no complete batch: fewer rows than batch_size?")
+                        raise RunError(self._too_little(epoch_rows))
                 if not self.drop_last and rows:
                     break
         if not rows:
@@ -127,6 +128,14 @@ class BatchIterator:
         batch = collate(self.kind, rows, self.batch_size, self.seq_len, self.packing, self.bucket_multiple)
         self._count(batch)
         return batch
+
+    def _too_little(self, rows: int) -> str:
+        what = "packed rows" if self.packing else "examples"
+        where = f"; after loading and filtering: {self.report.per_file()}" if self.report is not None else ""
+        return (
+            f"the dataset yields no complete batch: an epoch has {rows} {what}, fewer than the batch size "
+            f"{self.batch_size}{where}. Add data, lower the batch size, or relax the filters"
+        )
 
     def _count(self, batch) -> None:
         tb = (

@@ -244,3 +244,55 @@ def split_system(messages: list[Message], field: str, loc: dict) -> tuple[str | 
                 **loc,
             )
     return system, messages
+
+
+_PROMPT_SIDE, _MODEL_SIDE = ("user", "observation"), ("assistant", "function_call")
+
+
+def _order_problem(role: str, prev: str | None, results: int, calls: int) -> tuple[str, str] | None:
+    """(reason, explanation) when `role` may not follow `prev`; None when it may."""
+    if prev is None:
+        if role in _MODEL_SIDE:
+            return "starts with an assistant turn", "the conversation starts with an assistant turn"
+        if role == "observation":
+            return "tool result without a tool call", "the conversation starts with a tool result"
+        return None
+    if role == "user" and prev == "user":
+        return "two user turns in a row", "two user turns in a row"
+    if role == "user" and prev == "observation":
+        return "user turn after a tool result", "a user turn right after a tool result (the assistant answers it)"
+    if role in _MODEL_SIDE and prev in _MODEL_SIDE:
+        return "two assistant turns in a row", "two assistant turns in a row"
+    if role == "observation" and prev not in ("function_call", "observation"):
+        return "tool result without a tool call", f"a tool result right after a {prev} turn, not a tool call"
+    if role == "observation" and prev == "observation" and results >= calls:
+        return "more tool results than tool calls", f"more tool results than the {calls} tool call(s) before them"
+    return None
+
+
+def check_order(messages, field: str, loc: dict, role_tag: str | None, offset: int = 0, after: str | None = None):
+    """Turn order as LLaMA-Factory requires it, after an optional system message (already split off): a user
+    turn first, then user and assistant alternate; an assistant turn may call tools (function_call), whose
+    results (observation: one per call, several for parallel calls) come right after it and are answered by
+    the assistant. `after`: the role before `messages[0]` (a chosen response after its prompt); `offset`: the
+    index of `messages[0]` in the column (1 when a system message was split off), for the field name (`role_tag`
+    None: the column holds a plain string, the field is the column). Whether
+    the conversation must end with the assistant depends on what it trains (SFT or a PPO prompt): see
+    `items.Encoder`."""
+    prev, results, calls = after, 0, 0
+    for i, m in enumerate(messages):
+        problem = _order_problem(m.role, prev, results, calls)
+        if problem is not None:
+            reason, what = problem
+            raise DataError(
+                f"{what}: after an optional system message, turns alternate user / assistant, starting with "
+                "the user; tool results follow the assistant's tool call",
+                field=f"{field}[{i + offset}].{role_tag}" if role_tag else field,
+                reason=reason,
+                **loc,
+            )
+        if m.role == "function_call":
+            results, calls = 0, max(1, len(m.tool_calls))
+        elif m.role == "observation":
+            results += 1
+        prev = m.role

@@ -33,8 +33,15 @@ class Report:
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # bad records
     # Tokens trained by turn kind and untrained, and the turns a chat template rewrites (see data/jinja.py).
     tokens: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # Per data file: [records loaded, records kept (reaching tokenisation), examples made, last row counted];
+    # each record counts once (streaming data is read again every epoch: later passes are not counted).
+    by_file: dict = dataclasses.field(default_factory=dict)
 
     def merge(self, other: Report) -> Report:
+        by_file = {f: list(v) for f, v in self.by_file.items()}
+        for f, v in other.by_file.items():
+            mine = by_file.setdefault(f, [0, 0, 0, -1])
+            by_file[f] = [a + b for a, b in zip(mine[:3], v[:3])] + [max(mine[3], v[3])]
         return Report(
             self.loaded + other.loaded,
             self.kept + other.kept,
@@ -43,7 +50,31 @@ class Report:
             self.chunked + other.chunked,
             self.skipped + other.skipped,
             self.tokens + other.tokens,
+            by_file,
         )
+
+    def count_loaded(self, record: Record) -> None:
+        self.by_file.setdefault(record.file, [0, 0, 0, -1])[0] += 1
+
+    def count_encoded(self, record: Record, items: int) -> None:
+        """A record reached tokenisation and made `items` examples (counted on its first pass only)."""
+        entry = self.by_file.setdefault(record.file, [0, 0, 0, -1])
+        row = -1 if record.row is None else record.row
+        if row > entry[3] or record.row is None:
+            entry[1] += 1
+            entry[2] += items
+            entry[3] = max(entry[3], row)
+
+    def per_file(self) -> str:
+        """Where the examples come from, for errors about too little data: each file's counts, and why
+        records were dropped."""
+        parts = []
+        for file, (loaded, kept, items, _) in self.by_file.items():
+            read = f"{loaded} records read, " if loaded else ""
+            parts.append(f"{file}: {read}{kept} kept -> {items} examples")
+        drops = [f"{n} x {reason}" for reason, n in (self.filtered + self.skipped).most_common()]
+        out = "; ".join(parts) or "no records reached tokenisation"
+        return out + (f" (dropped: {', '.join(drops)})" if drops else "")
 
     def lines(self) -> list[str]:
         out = [f"records loaded: {self.loaded}, kept: {self.kept}"]
@@ -117,6 +148,7 @@ def clean(records: list[Record], dedup: str = "none", normalise: bool = True, re
     report.loaded += len(records)
     out = []
     for r in records:
+        report.count_loaded(r)
         r = normalize(r) if normalise else r
         if is_empty(r):
             report.filtered["empty"] += 1

@@ -14,6 +14,13 @@ from pathlib import Path
 
 from jaxtune.data.errors import DataError
 from jaxtune.data.formats import FormatSpec, did_you_mean
+from jaxtune.data.json_text import hint
+
+# The type each key must have (a string `columns` would otherwise be read character by character).
+_TYPES = {
+    "file_name": (str,), "formatting": (str,), "ranking": (bool,), "columns": (dict,), "tags": (dict,),
+    "split": (str,), "num_samples": (int,),
+}  # fmt: skip
 
 REGISTRY_FILE = "dataset_info.json"
 KEYS = (
@@ -37,9 +44,23 @@ def read_registry(dataset_dir: str | Path) -> dict[str, dict]:
     path = Path(dataset_dir) / REGISTRY_FILE
     if not path.exists():
         return {}
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    if not text.strip():
+        raise DataError(
+            f"the registry file is {'empty' if not text else 'only whitespace'}; it maps dataset names to entries",
+            file=str(path),
+            reason="bad registry",
+        )
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        info = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"registry is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}{hint(text, e.pos)})",
+            file=str(path),
+            line=e.lineno,
+            reason="malformed JSON",
+        ) from None
+    except UnicodeDecodeError as e:
         raise DataError(
             f"registry is not valid JSON ({e})", file=str(path), reason="malformed JSON"
         ) from None
@@ -67,6 +88,25 @@ def entry(dataset_dir: str | Path, name: str) -> Entry:
                 field=f"{name}.{key}",
                 reason="bad registry",
             )
+    for key, types in _TYPES.items():
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise DataError(
+                f"must be {'an object' if dict in types else types[0].__name__}, got {type(value).__name__} "
+                f"{value!r}",
+                file=reg,
+                field=f"{name}.{key}",
+                reason="bad registry",
+            )
+    for key in ("columns", "tags"):
+        for k, v in (raw.get(key) or {}).items():
+            if not isinstance(v, str):
+                raise DataError(
+                    f"must name a column (a string), got {type(v).__name__}",
+                    file=reg,
+                    field=f"{name}.{key}.{k}",
+                    reason="bad registry",
+                )
     formatting = raw.get("formatting", "alpaca")
     try:
         spec = FormatSpec(

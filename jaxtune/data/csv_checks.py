@@ -1,21 +1,24 @@
-"""Checks of CSV/TSV text: the header (`check_header`), and quotes (`check_quotes`): an unclosed quote is reported where it opens, not where reading stops.
+"""Checks of CSV/TSV text: its header (`check_header`), and its quotes (`check_quotes`), so that an unclosed
+quote is reported where it opens, not where reading stops.
 
 Python's `csv` module (like most readers) accepts an unclosed quote silently: the field runs on to the next
 quote character or to the end of the file, swallowing the records in between (rows merge into one answer),
-or a later "missing field" error points lines away from the cause. `check` walks the text quote by quote
-(fast: it jumps between quote characters) with the same rules as `csv` and finds a quoted field that
+or a later "missing field" error points lines away from the cause. `check_quotes` walks the text quote by
+quote (it jumps between quote characters) with the same rules as `csv` and finds a quoted field that
 - reaches the end of the file,
 - closes right before more text (`"a1 ... q3,,"a3"` closes at the quote that opened `"a3"`), or
 - spans following lines that each look like a record of the file (every one has exactly the header's number
   of cells, with at least 3 columns: two-column prose with one comma per line is too common to judge),
 and returns a `DataError` located at the opening quote (file, line, row, column name). A quoted field whose
 lines merely contain some record-like line is legitimate often enough (code, lists) that it only warrants a
-warning, which `check` returns as text. Closed multi-line quoted fields pass.
+warning, which `check_quotes` returns as text. Closed multi-line quoted fields pass. The walk is Python,
+so it runs only when `suspicious` (the `csv` module in strict mode, at C speed) finds something.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import re
 
 from jaxtune.data.errors import DataError
@@ -31,6 +34,26 @@ def _newlines(text: str, a: int, b: int) -> int:
 
 def _cells(line: str, delimiter: str) -> int:
     return len(next(csv.reader([line], delimiter=delimiter), []))
+
+
+def _record_like(lines, delimiter: str, ncols: int) -> list[int]:
+    """Indices of the (index, line) pairs that read as a record of `ncols` cells."""
+    return [i for i, ln in lines if ln.count(delimiter) >= ncols - 1 and _cells(ln, delimiter) == ncols]
+
+
+def suspicious(text: str, delimiter: str, ncols: int) -> bool:
+    """A fast pass (the csv module, strict): True when `check_quotes` has something to locate or warn about."""
+    if '"' not in text:
+        return False
+    try:
+        for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True):
+            for v in row:
+                if ("\n" in v or "\r" in v) and ncols >= 2:
+                    if _record_like(enumerate(_NEWLINE.split(v)[1:], 1), delimiter, ncols):
+                        return True
+    except csv.Error:  # a quote left open to the end of the file, or text right after a closing quote
+        return True
+    return False
 
 
 class _Walk:
@@ -106,7 +129,7 @@ def check_quotes(
             return DataError(msg, reason="unclosed quote" if spanned else "bad CSV", **where), warnings
         if spanned and ncols >= 2:
             lines = [(i, ln) for i, ln in enumerate(_NEWLINE.split(text[j + 1 : end])[1:], 1) if ln.strip()]
-            like = [i for i, ln in lines if _cells(ln, delimiter) == ncols]
+            like = _record_like(lines, delimiter, ncols)
             if lines and len(like) == len(lines) and ncols >= 3:
                 err = DataError(
                     f"unclosed quote: the quoted field opened on this line spans the next {spanned} line(s), "

@@ -329,7 +329,9 @@ def _read_csv(path: Path, policy: ErrorPolicy, delimiter: str = ",") -> Iterator
     if not text.strip():
         raise _empty(file, text)
     header = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
-    quote_error, warnings = csv_checks.check_quotes(text, file, header, delimiter)
+    quote_error, warnings = None, []
+    if csv_checks.suspicious(text, delimiter, len(header)):
+        quote_error, warnings = csv_checks.check_quotes(text, file, header, delimiter)
     for w in warnings[:1]:  # once per file: the first is the pattern
         log.warning("%s", w)
     if quote_error is not None and quote_error.row is None:  # in the header: nothing can be read

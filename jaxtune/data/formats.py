@@ -14,6 +14,13 @@ LLaMA-Factory variants follow its `dataset_info.json`: `ranking: true` turns alp
 preference records (sharegpt `chosen`/`rejected` hold one message, as in `dpo_en_demo.json`), `kto_tag`
 names the KTO label column, and an alpaca entry that maps only `prompt` (e.g. `wiki_demo`) is plain text.
 Our extra column key `answer` keeps a reference answer for PPO/GRPO rewards.
+
+Rows are checked as LLaMA-Factory's converters check them, but loudly: turn order (`messages.check_order`:
+user first, alternating, tool results only after a tool call), preference pairs whose chosen and rejected
+are identical or have an empty side, KTO rows with an empty completion or a label that is not a boolean
+(true/false, 1/0, or that text in a CSV cell). Each is a `DataError` naming the row and field, skipped and
+counted by reason with `on_error: skip`. Whether a conversation must end with the assistant depends on the
+data kind (SFT yes, PPO prompts no): `items.Encoder` checks it.
 """
 
 from __future__ import annotations

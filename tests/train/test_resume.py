@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from train.test_loop import tiny, train_losses
 
-from jaxtune import cli
+from jaxtune import cli, demo
 from jaxtune.config import TrainingConfig, load_config
 from jaxtune.train import loop
 from jaxtune.train.checkpoint import Checkpointer
@@ -77,12 +77,18 @@ def test_damaged_latest_checkpoint_resumes_from_the_intact_one_and_records_each_
     steps 3-6 are the straight run's exactly; metrics.jsonl and TensorBoard hold each step once. Then with every
     checkpoint damaged the run refuses in one line and moves nothing."""
     common = dict(max_steps=6, save_every=2, eval_every=4, eval_steps=1, keep_last=3, export_hf=False)
-    logging_cfg = {"log_every": 1, "progress": False, "tensorboard": True, "plot": False}
-    straight = {**tiny(tmp_path / "a", **common), "logging": logging_cfg}
+    (tmp_path / "sft.json").write_text(json.dumps(demo.samples(40, seed=0)))  # 3 steps an epoch: resume crosses one
+
+    def config(name):
+        cfg = tiny(tmp_path / name, **common)
+        cfg["data"].update(train=[str(tmp_path / "sft.json")], eval=[str(tmp_path / "sft.json")])
+        return {**cfg, "logging": {"log_every": 1, "progress": False, "tensorboard": True, "plot": False}}
+
+    straight = config("a")
     assert loop.run(load_config(straight))["stop_reason"] == "completed"
     reference = train_losses(tmp_path / "a" / "run")
 
-    cfg = {**tiny(tmp_path / "b", **common), "logging": logging_cfg}
+    cfg = config("b")
     run_dir, path = tmp_path / "b" / "run", tmp_path / "b.json"
     path.write_text(json.dumps(cfg))
     stop_at(monkeypatch, 4)

@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,6 +41,17 @@ examples:
   jaxtune train configs/demo.yaml --print-config     # check a config without running it
   jaxtune export --checkpoint runs/demo --out exported --merge
   jaxtune chat --model exported
+"""
+
+
+TRAIN_EPILOG = """\
+exit status:
+  0    the run finished (max_steps / num_epochs reached, or early stopping)
+  2    an error in the config, data, checkpoints ... (one 'jaxtune: error:' paragraph)
+  143  stopped by SIGTERM (preemption), 130 by SIGINT (Ctrl-C): 128 + the signal's number, as for a process the
+       signal killed. A checkpoint of the last step was saved: rerun the same command to resume (training.resume
+       = auto). A wrapper that restarts failed runs restarts it (launch/tpu.sh --restarts does on 143; a
+       Kubernetes Job with restartPolicy OnFailure; SLURM marks it FAILED, not COMPLETED).
 """
 
 
@@ -93,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=help, description=help[0].upper() + help[1:] + ".", formatter_class=_Formatter
         )
 
-    _add_config_args(command("train", "fine-tune a model as a YAML config (and overrides) describes"))
+    p = command("train", "fine-tune a model as a YAML config (and overrides) describes")
+    p.epilog = TRAIN_EPILOG
+    _add_config_args(p)
 
     p = command("export", "write a checkpoint as a Hugging Face model or a PEFT adapter")
     p.add_argument(
@@ -229,4 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("jaxtune: interrupted", file=sys.stderr)
         return 130
+    if command == "train" and isinstance(result, dict):
+        return stop_status(result)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def stop_status(summary: dict) -> int:
+    """`jaxtune train`'s exit status: 0 for a finished run, 128 + N for one a signal N stopped (after its
+    checkpoint), so launchers and schedulers see "killed by a signal" and restart it."""
+    reason = str(summary.get("stop_reason", ""))
+    if reason.startswith("signal "):
+        return 128 + signal.Signals[reason.removeprefix("signal ")].value
+    return 0

@@ -5,8 +5,8 @@
 # committed files and tracked edits, never untracked junk), installs it with pip, runs the same command on all
 # workers (each is one jax process; jaxtune's init_distributed finds the others through the TPU metadata),
 # and streams worker 0's log (only process 0 logs). With --restarts N, a run that dies because the TPU was
-# preempted is retried on a recreated TPU; jaxtune resumes from its last checkpoint by itself
-# (training.resume=auto), so output_dir must be on storage that outlives the VM and that every worker sees:
+# preempted is retried on a recreated TPU, and one that a SIGTERM stopped (jaxtune exits 143) is retried too;
+# jaxtune resumes from its last checkpoint by itself (training.resume=auto), so output_dir must be on storage that outlives the VM and that every worker sees:
 # a Cloud Storage bucket mounted on each worker (gcsfuse), or a shared filesystem (Filestore / NFS).
 set -euo pipefail
 
@@ -42,7 +42,8 @@ Examples:
   $PROG --config my.yaml --zone us-east5-a --accelerator-type v5p-128 --queued --spot --restarts 5 \\
       -- output_dir=/mnt/gcs/run1      # a bucket mounted on every worker (gcsfuse): survives preemption
 
-Stop a run: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command='pkill -f "jaxtune train"'
+Stop a run: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command='pkill -INT -f "jaxtune train"'
+  (SIGINT: jaxtune checkpoints and exits 130, which is not restarted; SIGTERM exits 143, which --restarts reruns)
 Delete the TPU: gcloud compute tpus tpu-vm delete NAME --zone ZONE   (queued: queued-resources delete --force)
 EOF
 }
@@ -259,13 +260,21 @@ while :; do
   state=$(node_state)
   qstate=""
   if ((QUEUED)); then qstate=$(queue_state); fi
+  # jaxtune exits 143 (128 + SIGTERM) when a SIGTERM stopped it after checkpointing, e.g. a maintenance event on
+  # a TPU that stays READY: that is restarted too (on the same TPU). Ctrl-C / SIGINT (130) is a deliberate stop.
+  why=""
   if [[ $state =~ ^(PREEMPTED|TERMINATED)?$ || $qstate =~ ^(SUSPENDED|SUSPENDING|FAILED)$ ]]; then
+    why="TPU $NAME was preempted (${state:-gone})"
+  elif ((rc == 143)); then
+    why="training was stopped by SIGTERM (exit 143) on TPU $NAME ($state)"
+  fi
+  if [[ -n $why ]]; then
     if ((attempt < RESTARTS)); then
       attempt=$((attempt + 1))
-      echo "$PROG: TPU $NAME was preempted (${state:-gone}); restart $attempt of $RESTARTS, resuming from the last checkpoint" >&2
+      echo "$PROG: $why; restart $attempt of $RESTARTS, resuming from the last checkpoint" >&2
       continue
     fi
-    echo "$PROG: TPU $NAME was preempted and no restarts are left (--restarts $RESTARTS)" >&2
+    echo "$PROG: $why and no restarts are left (--restarts $RESTARTS)" >&2
   else
     echo "$PROG: training failed (exit $rc) on a healthy TPU ($state); not restarting. Log: $LOG on worker 0" >&2
   fi

@@ -1,12 +1,14 @@
 """What the SFT-family loop and the RL loop share around their steps: signals, the save cadence, the end.
 
-    with Signals() as signals:                    # SIGTERM (preemption) / SIGINT: finish the step, save, exit
+    with Signals() as signals:                    # SIGTERM (preemption) / SIGINT: finish the step, save, stop
         for step in ...:
             ...
             if due(run, step, stop_reason, evaluated): run.checkpointer.save(...)
     finish(run, summary, lines)                   # export, curves.png, the summary printed
 
 A run killed at any point loses at most the steps since its last checkpoint: rerunning the same command resumes.
+A signal-stopped run returns its summary with `stop_reason="signal SIGTERM"` (or SIGINT); `jaxtune train` turns
+that into exit status 128 + the signal's number (cli.stop_status), so wrappers see a run that did not finish.
 """
 
 from __future__ import annotations

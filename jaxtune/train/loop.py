@@ -1,7 +1,8 @@
 """`jaxtune train`: the loop of the SFT-family stages (pt, sft, rm, dpo, kto) over a `Run` (train/run.py).
 
     build_run -> for each step: batch -> step -> log / eval / early-stop / checkpoint;
-    SIGTERM or SIGINT -> checkpoint -> clean exit;  at the end: final eval, exact-match generation, export.
+    SIGTERM or SIGINT -> checkpoint -> stop (the CLI exits 143 / 130);  at the end: final eval, exact-match
+    generation, export.
 
 The RL stages (ppo, grpo) loop over rollouts instead (train/rl_loop.py); `run(cfg)` picks by the method record.
 A run killed at any point loses at most the steps since its last checkpoint: rerunning the same command resumes

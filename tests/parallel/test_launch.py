@@ -319,6 +319,19 @@ def test_tpu_failure_on_a_healthy_tpu_is_not_retried(checkout, config, tmp_path)
     assert "tpu-vm create" not in calls and calls.count("jaxtune train") == 1
 
 
+def test_tpu_restarts_a_run_sigterm_stopped_on_a_healthy_tpu(checkout, config, tmp_path):
+    """jaxtune exits 143 after a SIGTERM stopped it (and it checkpointed): rerun on the same TPU, --restarts times."""
+    stub, env = stub_env(tmp_path, TRAIN_RC="143")
+    (stub / "state").write_text("READY\n")
+    args = ["--config", str(config), "--zone", "us-central2-b", "--name", "t", "--restarts", "1"]
+    proc = launch(checkout / "launch" / "tpu.sh", *args, env=env)
+    assert proc.returncode == 143
+    assert "stopped by SIGTERM (exit 143)" in proc.stderr and "restart 1 of 1" in proc.stderr, proc.stderr
+    assert "no restarts are left" in proc.stderr
+    calls = (stub / "calls").read_text()
+    assert "tpu-vm create" not in calls and calls.count("jaxtune train") == 2
+
+
 def test_gpu_runs_srun_and_writes_a_valid_sbatch_script(config, tmp_path):
     stub, env = stub_env(tmp_path)
     proc = launch(GPU, "--config", str(config), "--nodes", "2", "--port", "4321", env=env)

@@ -1,11 +1,15 @@
 """GRPO: group advantages and the eq. 3/4 objective against hand computation, then a short run that must raise
 the reward of the SFT'd policy by a clear margin while the KL to the reference stays bounded."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from rl_helpers import metrics, rl_config
+from train.test_resume import stop_at
 
+from jaxtune import cli
 from jaxtune.config import load_config
 from jaxtune.methods.grpo import group_advantages, k3, objective
 from jaxtune.train.loop import run
@@ -70,9 +74,10 @@ def test_grpo_raises_the_reward_of_the_sft_policy(rl_task, tmp_path):
     assert (tmp_path / "grpo" / "hf" / "config.json").exists()
 
 
-def test_resumed_run_repeats_the_uninterrupted_one(rl_task, tmp_path):
-    """Rollouts are seeded by (seed, iteration) and the prompt iterator is checkpointed: 1 iteration, then a
-    rerun to 3, logs exactly what 3 straight iterations log."""
+def test_resumed_run_repeats_the_uninterrupted_one(rl_task, tmp_path, monkeypatch):
+    """Rollouts are seeded by (seed, iteration) and the prompt iterator is checkpointed: `jaxtune train` stopped by
+    SIGTERM in iteration 1 (it checkpoints, exits 143), then rerun to 3, logs exactly what 3 straight iterations
+    log."""
 
     def cfg(out, steps):
         return rl_config(rl_task, out, "grpo", {"name": "lora", "rank": 4},
@@ -82,12 +87,16 @@ def test_resumed_run_repeats_the_uninterrupted_one(rl_task, tmp_path):
 
     def logged(out):
         rows = [m for m in metrics(out) if m["split"] == "train"]
+        assert len({m["step"] for m in rows}) == len(rows)  # each iteration logged once
         return {m["step"]: {k: v for k, v in m.items() if k != "time"} for m in rows}
 
     run(load_config(cfg(tmp_path / "straight", 3)))
-    run(load_config(cfg(tmp_path / "resumed", 1)))
+    (tmp_path / "resumed.json").write_text(json.dumps(cfg(tmp_path / "resumed", 3)))
+    stop_at(monkeypatch, 1)  # in the first update of iteration 1: the loop saves after that iteration and stops
+    assert cli.main(["train", str(tmp_path / "resumed.json")]) == 143
+    assert sorted(logged(tmp_path / "resumed")) == [1]
     summary = run(load_config(cfg(tmp_path / "resumed", 3)))
-    assert "eval_reward_before" not in summary  # it resumed rather than starting over
+    assert summary["stop_reason"] == "completed" and "eval_reward_before" not in summary  # it resumed rather than starting over
     straight, resumed = logged(tmp_path / "straight"), logged(tmp_path / "resumed")
     assert sorted(resumed) == [1, 2, 3]
     assert resumed == straight

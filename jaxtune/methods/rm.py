@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxtune.config import config_error
 from jaxtune.data.batch import PreferenceBatch
 from jaxtune.errors import RunError
 from jaxtune.methods.dpo import pair_batch, pair_mask
@@ -91,9 +92,11 @@ def prepare(p: Prepare) -> Prepared:
     cfg, arch = p.cfg, p.lm.arch
     unmergeable = [c for c in UNMERGEABLE if c in p.trainable]
     if unmergeable and cfg.training.export_hf and not p.abstract:
-        raise RunError(
-            f"stage rm exports a *ForSequenceClassification model, which cannot hold {'/'.join(unmergeable)} "
-            "adapters: use method lora, qlora, dora, ia3, bitfit, freeze or full, or set training.export_hf=false"
+        raise config_error(
+            cfg, "method.name",
+            f"{cfg.method.name} does not fit stage rm: it exports a *ForSequenceClassification model, which cannot "
+            f"hold {'/'.join(unmergeable)} adapters: use method lora, qlora, dora, ia3, bitfit, freeze or full, or "
+            "set training.export_hf=false", RunError,
         )  # fmt: skip
     frozen_params = dict(p.frozen["params"])
     trainable = dict(p.trainable)

@@ -141,9 +141,10 @@ def _export_adapter(model, plan, trainable, out: Path) -> Path:
     import json
 
     import numpy as np
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import save_file
 
     from jaxtune import peft
+    from jaxtune.models.safetensors_io import read_tensors
     from jaxtune.peft.interop import CONFIG, PREFIX, WEIGHTS
 
     base_params = sorted(set(trainable.get("params", {})) - {"score"})
@@ -154,7 +155,7 @@ def _export_adapter(model, plan, trainable, out: Path) -> Path:
         )
     adapters = plan.adapters({k: v for k, v in trainable.items() if k != "params"})
     peft.save_adapter(model, adapters, out)
-    tensors = load_file(str(out / WEIGHTS))
+    tensors = read_tensors(out / WEIGHTS)
     kernel = np.asarray(jax.device_get(trainable["params"]["score"]["kernel"]), np.float32)  # [D, 1]
     tensors[PREFIX + SCORE_MAP.hf] = np.ascontiguousarray(kernel.T)  # torch Linear [out, in]
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})

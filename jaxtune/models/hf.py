@@ -182,8 +182,11 @@ def _check(reader: SafetensorsReader, maps: list[TensorMap], shapes: dict, n_lay
                     got = (*got[:-1], got[-1] // m.part[1])
                 got = (*got[:-2], got[-1], got[-2]) if m.transpose else got
                 if tuple(got) != tuple(want):
+                    hf_want = (*want[:-2], want[-1], want[-2]) if m.transpose else tuple(want)  # as HF stores it
+                    if m.part:
+                        hf_want = (*hf_want[:-1], hf_want[-1] * m.part[1])
                     problems.append(
-                        f"tensor {name} has shape {reader.shape(name)}, config.json implies {tuple(want)} "
+                        f"tensor {name} has shape {reader.shape(name)}, config.json implies {hf_want} "
                         f"(in {reader.file_of(name).name})"
                     )
     if problems:

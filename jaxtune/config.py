@@ -16,12 +16,12 @@ closest valid key. Importing this module never imports jax.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from jaxtune import typed_yaml
+from jaxtune import config_rules, typed_yaml
+from jaxtune.config_rules import config_error
 from jaxtune.typed_yaml import ConfigError, check, fraction, non_negative, positive, regexes
 
 __all__ = [
@@ -445,36 +445,7 @@ class RunConfig:
             "path, e.g. output_dir=/mnt/gcs/run1"
         )
         check("://" not in self.output_dir, "output_dir", detail, self.output_dir)
-        self._check_stage_fit(methods)
-
-    def _check_stage_fit(self, methods: tuple[str, ...]) -> None:
-        """Options that another section's value rules out for this stage."""
-        stage = self.stage
-        # the collections of models/adapters_hook.UNMERGEABLE: virtual tokens or extra layers
-        extra = [m for m in methods if m in ("prompt", "ptuning", "prefix", "ptuning_v2", "adapter")]
-        key = "method.name" if self.method.name in extra else "method.combine"
-        detail = (
-            f"{'+'.join(extra)} does not fit stage rm with training.export_hf=true: a *ForSequenceClassification "
-            "model cannot hold these adapters (virtual tokens / extra layers); use lora, qlora, dora, ia3, "
-            "bitfit, freeze or full, or set training.export_hf=false"
-        )
-        check(stage != "rm" or not extra or not self.training.export_hf, key, detail)
-        kinds = {"rm": "preference pairs", "dpo": "preference pairs", "kto": "labelled completions",
-                 "ppo": "prompts", "grpo": "prompts"}  # fmt: skip
-        detail = f"is for stages pt and sft; stage {stage} keeps whole examples ({kinds.get(stage)}): set it false"
-        check(not self.data.packing or stage in ("pt", "sft"), "data.packing", detail)
-        detail = (
-            "cannot go with stage kto: its KL reference point pairs each prompt with another row's completion, "
-            "different in every batch; set it to false"
-        )
-        check(stage != "kto" or not self.dpo.precompute_ref_log_probs, "dpo.precompute_ref_log_probs", detail)
-        trains_base = [m for m in methods if m in ("full", "bitfit", "freeze")]
-        detail = (
-            f"is adapters_off, but method {'+'.join(trains_base)} trains base parameters, so the model without "
-            "adapters is not the initial model: use dpo.reference=frozen_copy (or auto)"
-        )
-        off = self.dpo.reference == "adapters_off"
-        check(stage not in ("dpo", "kto") or not (off and trains_base), "dpo.reference", detail)
+        config_rules.check_stage_fit(self, methods)
 
     @property
     def parallelism(self) -> ParallelConfig:
@@ -488,15 +459,6 @@ def load_config(source: str | Path | Mapping | RunConfig | None, overrides: Sequ
     """A RunConfig from a YAML path, a mapping or a RunConfig (None: all defaults), then dotted overrides
     such as ``training.learning_rate=1e-4``. Raises ConfigError naming the field, the file and line."""
     return typed_yaml.load(RunConfig, source, overrides)
-
-
-def config_error(cfg: Any, key: str, detail: str, cls: type[Exception] = ConfigError) -> Exception:
-    """The error (`cls`, a ConfigError unless given) of a check made after loading: "<key> <detail> (FILE,
-    line N)." naming the file and line of `key` (dotted, relative to `cfg`: a RunConfig or one of its
-    sections) or the command-line override that set it, as the load-time errors do. `raise` it."""
-    detail = detail.rstrip().rstrip(".")
-    text = detail if re.match(rf"(\w+\.)*{re.escape(key)}\b", detail) else f"{key} {detail}"
-    return cls(f"{text}{typed_yaml.where(cfg, key)}.")
 
 
 def to_dict(cfg: Any) -> Any:

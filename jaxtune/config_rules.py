@@ -7,9 +7,12 @@ command-line override, as the load-time errors do (`typed_yaml.where`). Importin
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from jaxtune import typed_yaml
+from jaxtune.errors import RunError
 from jaxtune.typed_yaml import ConfigError, check
 
 
@@ -20,6 +23,24 @@ def config_error(cfg: Any, key: str, detail: str, cls: type[Exception] = ConfigE
     detail = detail.rstrip().rstrip(".")
     text = detail if re.match(rf"(\w+\.)*{re.escape(key)}\b", detail) else f"{key} {detail}"
     return cls(f"{text}{typed_yaml.where(cfg, key)}.")
+
+
+_KEY = re.compile(r"\b(?:model|data|method|training|parallel|logging|generation|dpo|rm|ppo|grpo)\.[a-z_]+\b")
+
+
+@contextmanager
+def locating(cfg: Any) -> Iterator[None]:
+    """A `RunError` raised inside about a config key it names (the first dotted key in its text: a batch that
+    does not split over the mesh, a mesh larger than the machine, a kernel this backend lacks) comes out with
+    the file and line of that key, or its override, appended."""
+    try:
+        yield
+    except RunError as e:
+        key = _KEY.search(str(e))
+        where = typed_yaml.where(cfg, key.group()) if key else ""
+        if not where or where.strip(" ()") in str(e):
+            raise
+        raise type(e)(f"{str(e).rstrip().rstrip('.')}{where}.") from None
 
 
 def check_stage_fit(cfg: Any, methods: tuple[str, ...]) -> None:

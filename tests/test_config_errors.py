@@ -131,3 +131,19 @@ def test_peft_setting_the_model_lacks_names_the_key(tmp_path, capsys):
     err = one_error(capsys)
     assert "method.target_modules=['nope_proj'] matches no module of this llama model" in err
     assert err.rstrip().endswith(f"({path}, line 8).")
+
+
+def test_setup_errors_about_a_key_get_its_line(tmp_path, capsys):
+    from jaxtune.config_rules import locating
+
+    path = write(tmp_path, base(tmp_path, extra="training:\n  batch_size: 6\nparallel:\n  fsdp: 4\n"))
+    cfg = load_config(path)
+    with pytest.raises(RunError, match=rf"^training.batch_size=6 does not split \({path}, line 11\)\.$"):
+        with locating(cfg):
+            raise RunError("training.batch_size=6 does not split.")
+    with pytest.raises(RunError, match=r"^no key named here\.$"):
+        with locating(cfg):
+            raise RunError("no key named here.")
+    assert cli.main(["train", str(path)]) == 2  # a mesh larger than this machine
+    err = one_error(capsys)
+    assert "parallel.data=-1" in err and err.rstrip().endswith(f"({path}, line 12).")

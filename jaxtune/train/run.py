@@ -25,7 +25,7 @@ from typing import Any
 import jax
 
 from jaxtune import peft
-from jaxtune.config import config_error
+from jaxtune.config_rules import config_error, locating
 from jaxtune.data import pipeline
 from jaxtune.errors import MissingError, RunError
 from jaxtune.methods import METHODS, Method, Prepare, Prepared, Schedule
@@ -161,29 +161,31 @@ def build_run(cfg, *, abstract: bool = False, weights: bool = True) -> Run:
     method = METHODS[cfg.stage]
     if abstract:
         return _abstract_run(cfg, method, weights)
-    init_distributed(cfg.parallel)  # multi-host: before anything touches a device
+    with locating(cfg):  # its errors name the parallel / training key they are about, and its line
+        init_distributed(cfg.parallel)  # multi-host: before anything touches a device
     if method.rl:
         _check_single_process(cfg)
     cfg, run_dir, main = setup.start_run(cfg)
     t = cfg.training
     schedule = method.rl.schedule(cfg) if method.rl else None
-    mesh = mesh_from_config(cfg.parallel)
-    log.info("%s", describe_mesh(mesh))
-    if schedule is not None:
-        accum = _rl_accumulation(cfg, schedule)
-        check_batch_size(schedule.mini_batch, mesh, schedule.field)
-        if accum > 1:
-            check_batch_size(t.micro_batch_size, mesh, "training.micro_batch_size")
-        batch_size = schedule.prompts
-    else:
-        accum = t.accumulation_steps
-        for field, size in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size or t.batch_size)):
-            check_batch_size(size, mesh, f"training.{field}")
-        batch_size = t.batch_size
-        if jax.process_count() > 1:
-            start, stop = process_batch_slice(t.batch_size, mesh)
-            log.info("process %d of %d feeds rows [%d, %d) of each global batch of %d", jax.process_index(),
-                     jax.process_count(), start, stop, t.batch_size)  # fmt: skip
+    with locating(cfg):  # a batch that does not split over the mesh: named with its line
+        mesh = mesh_from_config(cfg.parallel)
+        log.info("%s", describe_mesh(mesh))
+        if schedule is not None:
+            accum = _rl_accumulation(cfg, schedule)
+            check_batch_size(schedule.mini_batch, mesh, schedule.field)
+            if accum > 1:
+                check_batch_size(t.micro_batch_size, mesh, "training.micro_batch_size")
+            batch_size = schedule.prompts
+        else:
+            accum = t.accumulation_steps
+            for field, size in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size or t.batch_size)):
+                check_batch_size(size, mesh, f"training.{field}")
+            batch_size = t.batch_size
+            if jax.process_count() > 1:
+                start, stop = process_batch_slice(t.batch_size, mesh)
+                log.info("process %d of %d feeds rows [%d, %d) of each global batch of %d", jax.process_index(),
+                         jax.process_count(), start, stop, t.batch_size)  # fmt: skip
     model = setup.build_model(cfg, mesh=mesh)  # base weights created / loaded straight into their shards
     its = pipeline.build(cfg.data, model.tokenizer, batch_size, method.data_kind, seed=cfg.seed,
                          eval_batch_size=t.eval_batch_size or batch_size)  # fmt: skip

@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jaxtune.config import config_error, dump_yaml
+from jaxtune.config import dump_yaml
+from jaxtune.config_rules import config_error, locating
 from jaxtune.errors import MissingError, RunError
 
 log = logging.getLogger("jaxtune.train")
@@ -179,7 +180,8 @@ def build_model(cfg, mesh=None):
     from jaxtune.models import hf
 
     m = cfg.model
-    impl = check_attention_impl(m.attention_impl)
+    with locating(cfg):  # the key's line in the YAML file
+        impl = check_attention_impl(m.attention_impl)
     tokenizer = load_tokenizer(cfg)
     if m.path:
         with _located(cfg, "model.path"):

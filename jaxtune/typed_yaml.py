@@ -125,8 +125,16 @@ def dump(data: Any) -> str:
 def read_yaml(path: Path) -> tuple[Any, dict[str, int]]:
     """The data, and the 1-based line of every dotted key (``training.learning_rate``, ``data.train[1]``)."""
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found (working directory: {Path.cwd()}).")
-    text = path.read_text(encoding="utf-8")
+        what = "is a directory, not a YAML file" if path.is_dir() else "not found"
+        raise ConfigError(f"config file '{path}' {what} (working directory: {Path.cwd()}).")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"could not read {path}: not UTF-8 text (byte {e.start}, line {line}); save it as UTF-8."
+        ) from None
     loader = Loader(text)
     try:
         node = loader.get_single_node()
@@ -149,12 +157,19 @@ def read_yaml(path: Path) -> tuple[Any, dict[str, int]]:
     return data, lines
 
 
+def _dotted(key: str, where: str) -> str:
+    head, _, rest = key.partition(".")
+    return f"key '{key}' ({where}): write it nested ({head}: {{{rest}: ...}}); dotted keys are for command-line overrides."
+
+
 def _key_lines(node: Any, prefix: str, out: dict[str, int], path: Path) -> None:
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
             key = f"{prefix}.{k.value}" if prefix else str(k.value)
             if key in out:
                 line = k.start_mark.line + 1
+                if "." in str(k.value):  # `model.path: x` beside `model: {path: y}`
+                    raise ConfigError(_dotted(str(k.value), f"{path}, line {line}"))
                 raise ConfigError(
                     f"key '{key}' appears twice in {path} (lines {out[key]} and {line}); keep one."
                 )
@@ -323,6 +338,8 @@ def build(cls: type, value: Any, key: str, origin: Origin) -> Any:
     for k, v in value.items():
         k = getattr(cls, "ALIASES", {}).get(k, k)
         if k not in names:
+            if isinstance(k, str) and k.partition(".")[0] in names:  # `training.learning_rate: 1e-4` in a file
+                raise ConfigError(_dotted(k, origin.where(f"{prefix}{k}").strip(" ()") or "the config"))
             raise ConfigError(_unknown_key(f"{prefix}{k}", names, prefix, origin))
         try:
             kwargs[k] = _coerce(v, types_[k], f"{prefix}{k}", origin)

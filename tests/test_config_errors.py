@@ -147,3 +147,21 @@ def test_setup_errors_about_a_key_get_its_line(tmp_path, capsys):
     assert cli.main(["train", str(path)]) == 2  # a mesh larger than this machine
     err = one_error(capsys)
     assert "parallel.data=-1" in err and err.rstrip().endswith(f"({path}, line 12).")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"stage: sft\nmodel:\n  path: \xff\xfe\n", "not UTF-8 text (byte 26, line 3); save it as UTF-8."),
+        (b"training.learning_rate: 1e-4\n", "key 'training.learning_rate' ({path}, line 1): write it nested "
+                                            "(training: {{learning_rate: ...}})"),
+        (b"model: {path: x}\nmodel.path: y\n", "key 'model.path' ({path}, line 2): write it nested"),
+    ],
+)  # fmt: skip
+def test_malformed_files(tmp_path, capsys, content, message):
+    path = tmp_path / "x.yaml"
+    path.write_bytes(content)
+    assert cli.main(["estimate", str(path)]) == 2
+    assert message.format(path=path) in one_error(capsys)
+    assert cli.main(["train", str(tmp_path)]) == 2
+    assert f"config file '{tmp_path}' is a directory, not a YAML file" in one_error(capsys)

@@ -77,10 +77,23 @@ def read_hf_config(directory: str | Path) -> dict:
     return language_model_config(cfg)
 
 
+# config.json sizes: when present (and not null), positive integers
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_inner",
+             "n_positions", "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size")  # fmt: skip
+
+
 def arch_of(directory, hf_config: dict, **runtime) -> ArchConfig:
     """`arch_from_hf` of a model directory's config.json: what it cannot build from is an error naming the file
     (an unsupported model_type or setting, a missing key, a value of the wrong type)."""
     path = Path(directory) / "config.json"
+    for key in SIZE_KEYS:
+        value = hf_config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"{path}: {key} must be a positive integer, got {value!r}")
+    rope = hf_config.get("rope_scaling")
+    if rope is not None and not isinstance(rope, dict):
+        raise CheckpointError(f"{path}: rope_scaling must be an object (or null), got {rope!r}")
     try:
         return arch_from_hf(hf_config, **runtime)
     except UnsupportedModelError as e:
@@ -89,7 +102,7 @@ def arch_of(directory, hf_config: dict, **runtime) -> ArchConfig:
         raise CheckpointError(
             f"{path}: no {e.args[0]!r}, which a {hf_config.get('model_type')} config.json must give"
         ) from None
-    except (TypeError, ValueError, ZeroDivisionError) as e:
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError, IndexError) as e:
         if isinstance(e, JaxtuneError):
             raise type(e)(f"{path}: {e}") from None
         raise CheckpointError(f"{path}: a value jaxtune cannot use ({type(e).__name__}: {e})") from None

@@ -204,7 +204,13 @@ def _config_json(tmp_path, text: str):
         (json.dumps({**TINY, "hidden_act": "swiglu9"}), UnsupportedModelError,
          r"config.json: activation 'swiglu9' is not supported"),
         (json.dumps({**TINY, "num_attention_heads": "2"}), CheckpointError,
-         r"config.json: a value jaxtune cannot use \(TypeError"),
+         r"config.json: num_attention_heads must be a positive integer, got '2'"),
+        (json.dumps({**TINY, "num_hidden_layers": 0}), CheckpointError,
+         r"config.json: num_hidden_layers must be a positive integer, got 0"),
+        (json.dumps({**TINY, "rope_scaling": "linear"}), CheckpointError,
+         r"config.json: rope_scaling must be an object \(or null\), got 'linear'"),
+        (json.dumps({**TINY, "model_type": "mistral", "sliding_window": "a"}), CheckpointError,
+         r"config.json: a value jaxtune cannot use \(ValueError"),
     ],
 )  # fmt: skip
 def test_config_json_errors_name_the_file(tmp_path, text, kind, message):

@@ -165,3 +165,18 @@ def test_malformed_files(tmp_path, capsys, content, message):
     assert message.format(path=path) in one_error(capsys)
     assert cli.main(["train", str(tmp_path)]) == 2
     assert f"config file '{tmp_path}' is a directory, not a YAML file" in one_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "init, message",
+    [
+        ("{model_type: bert}", "model.random_init: model_type 'bert' is not supported; jaxtune supports: "),
+        ("{hidden_size: 8}", "model.random_init needs a `model_type`"),
+        ("{model_type: llama, hidden_size: 0}", "model.random_init: hidden_size must be a positive integer, got 0"),
+    ],
+)
+def test_random_init_errors_name_the_key(tmp_path, capsys, init, message):
+    path = write(tmp_path, f"model:\n  tokenizer: 'builtin:chars'\n  random_init: {init}\n")
+    assert cli.main(["estimate", str(path)]) == 2
+    err = one_error(capsys)
+    assert message in err and err.rstrip().endswith(f"({path}, line 3).")

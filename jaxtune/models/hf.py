@@ -83,10 +83,11 @@ SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
              "n_positions", "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size")  # fmt: skip
 
 
-def arch_of(directory, hf_config: dict, **runtime) -> ArchConfig:
+def arch_of(directory, hf_config: dict, source: str | None = None, **runtime) -> ArchConfig:
     """`arch_from_hf` of a model directory's config.json: what it cannot build from is an error naming the file
-    (an unsupported model_type or setting, a missing key, a value of the wrong type)."""
-    path = Path(directory) / "config.json"
+    (an unsupported model_type or setting, a missing key, a value of the wrong type); `source`: what the errors
+    name instead of the file (`random_init` for HF config keys given in code or a run config)."""
+    path = source or Path(directory) / "config.json"
     for key in SIZE_KEYS:
         value = hf_config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -100,7 +101,7 @@ def arch_of(directory, hf_config: dict, **runtime) -> ArchConfig:
         raise UnsupportedModelError(f"{path}: {e}") from None
     except KeyError as e:
         raise CheckpointError(
-            f"{path}: no {e.args[0]!r}, which a {hf_config.get('model_type')} config.json must give"
+            f"{path}: no {e.args[0]!r}, which a {hf_config.get('model_type')} config must give"
         ) from None
     except (TypeError, ValueError, ZeroDivisionError, AttributeError, IndexError) as e:
         if isinstance(e, JaxtuneError):
@@ -298,10 +299,7 @@ def from_hf_config(hf_config: dict, rng=0, tokenizer=None, mesh=None, **runtime)
 
     `mesh`: every parameter is created in its shards on that mesh (the values do not depend on the mesh)."""
     full = random_init_config(hf_config)
-    try:
-        arch = arch_from_hf(full, **runtime)
-    except (UnsupportedModelError, RunError) as e:
-        raise type(e)(f"random_init: {e}") from None
+    arch = arch_of(None, full, "random_init", **runtime)
     shardings = None if mesh is None else param_shardings(arch, mesh)
     return Model(arch=arch, params=init_params(arch, rng, shardings), tokenizer=tokenizer, hf_config=full)
 

@@ -125,7 +125,9 @@ def _located(cfg, key: str):
     except JaxtuneError as e:
         value = getattr(cfg.model, key.split(".")[-1])
         shown = f"{key}={value}: " if isinstance(value, str) else ""  # a path, not the random_init mapping
-        raise config_error(cfg, key, f"{shown}{e}", type(e)) from None
+        text = f"{shown}{e}"
+        text = f"model.{text}" if text.startswith("random_init") else text  # hf words it for its own API
+        raise config_error(cfg, key, text, type(e)) from None
 
 
 # Set (to 1) by tests that run the Pallas kernels through the interpreter on a CPU: a run may then name one.
@@ -214,7 +216,6 @@ def abstract_model(cfg):
     import jax
 
     from jaxtune.models import attention, hf
-    from jaxtune.models.families import arch_from_hf
     from jaxtune.models.model import Model, init_params
 
     m = cfg.model
@@ -233,7 +234,7 @@ def abstract_model(cfg):
     elif m.random_init:
         with _located(cfg, "model.random_init"):
             hf_config = hf.random_init_config(_random_init(cfg, tokenizer))
-            arch = arch_from_hf(hf_config, **_runtime(cfg, impl))
+            arch = hf.arch_of(None, hf_config, "random_init", **_runtime(cfg, impl))
     else:
         raise _no_model()
     params = jax.eval_shape(lambda: init_params(arch, 0))

@@ -200,7 +200,7 @@ def _config_json(tmp_path, text: str):
         ('{"model_type": "llama", "architectures": "LlamaForCausalLM"}', CheckpointError,
          r'config.json: "architectures" must be a list of class names'),
         (json.dumps({k: v for k, v in TINY.items() if k != "hidden_size"}), CheckpointError,
-         r"config.json: no 'hidden_size', which a llama config.json must give"),
+         r"config.json: no 'hidden_size', which a llama config must give"),
         (json.dumps({**TINY, "hidden_act": "swiglu9"}), UnsupportedModelError,
          r"config.json: activation 'swiglu9' is not supported"),
         (json.dumps({**TINY, "num_attention_heads": "2"}), CheckpointError,

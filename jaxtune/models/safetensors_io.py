@@ -51,6 +51,13 @@ def read_header(path: Path) -> tuple[dict, int]:
     ends. Any problem is a `CheckpointError` naming the file (and the tensor), so nothing reads a tensor from a
     damaged file."""
     path = Path(path)
+    try:
+        return _read_header(path)
+    except OSError as e:  # unreadable (permissions, a directory, an I/O error): not a tensor to read
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -168,7 +175,7 @@ class SafetensorsReader:
             if not files:
                 raise CheckpointError(f"{index}: its weight_map names no shard")
         else:
-            files = sorted(self.dir.glob("*.safetensors"))
+            files = sorted(p for p in self.dir.glob("*.safetensors") if p.is_file())
         if not files:
             bins = sorted(p.name for p in self.dir.glob("*.bin"))
             hint = f" (found {', '.join(bins)}: re-save it with safe_serialization=True)" if bins else ""

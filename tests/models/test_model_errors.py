@@ -92,6 +92,14 @@ def test_header_length_and_json_checked(tmp_path):
         read_header(path)
 
 
+def test_unreadable_file(tmp_path):
+    (tmp_path / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'model.safetensors'}: cannot be read \(Is a directory"):
+        read_header(tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}: no \*.safetensors weights"):
+        SafetensorsReader(tmp_path)
+
+
 def test_a_good_file_reads(tmp_path):
     """The checks accept what the writer (and transformers, below) writes."""
     reader = SafetensorsReader(_good(tmp_path / "model.safetensors").parent)

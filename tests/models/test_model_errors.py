@@ -335,3 +335,16 @@ def test_cli_missing_tokenizer(saved, tmp_path, capsys):
     msg = one_error(capsys)
     assert f"model.tokenizer={tmp_path / 'tok'}: {tmp_path / 'tok' / 'tokenizer.json'}: invalid JSON at line 1" in msg
     assert f"(command-line override 'model.tokenizer={tmp_path / 'tok'}')" in msg
+
+
+def test_cli_export_when_the_base_model_is_damaged(saved, tmp_path, capsys):
+    """The run's base directory, re-downloaded badly after training: export names it and the run's config line."""
+    d = _copy(saved[1], tmp_path)
+    (d / "config.json").write_text('{"model_type": "llama",\n "vocab_size": 64,,}')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"stage: sft\nmodel:\n  path: {d}\n  tokenizer: 'builtin:chars'\n")
+    assert cli.main(["export", str(run), str(tmp_path / "out")]) == 2
+    msg = one_error(capsys)
+    assert f"model.path={d}: {d / 'config.json'}: invalid JSON at line 2, column 19" in msg
+    assert msg.rstrip().endswith(f"({run / 'config.yaml'}, line 3).")

@@ -348,3 +348,12 @@ def test_cli_export_when_the_base_model_is_damaged(saved, tmp_path, capsys):
     msg = one_error(capsys)
     assert f"model.path={d}: {d / 'config.json'}: invalid JSON at line 2, column 19" in msg
     assert msg.rstrip().endswith(f"({run / 'config.yaml'}, line 3).")
+
+
+def test_cli_data_inspect_broken_tokenizer(tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"tokenizer_class": "NoSuchTokenizerFast"}')
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {{tokenizer: {tmp_path / 'tok'}}}\ndata: {{train: [x.json]}}\n")
+    assert cli.main(["data", "inspect", str(cfg)]) == 2
+    assert f"{tmp_path / 'tok'}: the tokenizer files there (tokenizer_config.json) do not load" in one_error(capsys)

@@ -117,12 +117,13 @@ def load_tokenizer(cfg):
 
 @contextlib.contextmanager
 def _located(cfg, key: str):
-    """A model-directory error (it names the directory or file) raised inside, also naming `key` and its line."""
-    from jaxtune.errors import JaxtuneError
+    """A model-directory or model-config error (it names the directory or file) raised inside, also naming `key`
+    and its line; other errors (a mesh that does not fit the model, ...) pass unchanged."""
+    from jaxtune.models import CheckpointError, UnsupportedModelError
 
     try:
         yield
-    except JaxtuneError as e:
+    except (CheckpointError, UnsupportedModelError) as e:
         value = getattr(cfg.model, key.split(".")[-1])
         shown = f"{key}={value}: " if isinstance(value, str) else ""  # a path, not the random_init mapping
         text = f"{shown}{e}"

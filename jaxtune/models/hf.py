@@ -278,8 +278,6 @@ def load_model(
 
 def random_init_config(hf_config: dict) -> dict:
     """HF config keys (`model.random_init`) completed with transformers' defaults for their model_type."""
-    from transformers import AutoConfig
-
     kwargs = dict(hf_config)
     model_type = kwargs.pop("model_type", None)
     if model_type is None:
@@ -288,6 +286,8 @@ def random_init_config(hf_config: dict) -> dict:
         raise UnsupportedModelError(
             f"random_init: model_type {model_type!r} is not supported; jaxtune supports: {', '.join(supported())}"
         )
+    from transformers import AutoConfig  # after the checks: importing it takes seconds
+
     try:
         return language_model_config(AutoConfig.for_model(model_type, **kwargs).to_dict())
     except (TypeError, ValueError) as e:

@@ -20,13 +20,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from jaxtune import typed_yaml
+from jaxtune import config_rules, typed_yaml
+from jaxtune.config_rules import config_error
 from jaxtune.typed_yaml import ConfigError, check, fraction, non_negative, positive, regexes
 
 __all__ = [
     "ConfigError", "RunConfig", "ModelConfig", "DataConfig", "DataSource", "MethodConfig", "TrainingConfig",
     "ParallelConfig", "LoggingConfig", "DPOConfig", "RMConfig", "PPOConfig", "GRPOConfig", "GenerationConfig",
-    "load_config", "to_dict", "dump_yaml",
+    "load_config", "to_dict", "dump_yaml", "config_error",
 ]  # fmt: skip
 
 Stage = Literal["pt", "sft", "rm", "dpo", "kto", "ppo", "grpo"]
@@ -444,6 +445,7 @@ class RunConfig:
             "path, e.g. output_dir=/mnt/gcs/run1"
         )
         check("://" not in self.output_dir, "output_dir", detail, self.output_dir)
+        config_rules.check_stage_fit(self, methods)
 
     @property
     def parallelism(self) -> ParallelConfig:

@@ -125,8 +125,16 @@ def dump(data: Any) -> str:
 def read_yaml(path: Path) -> tuple[Any, dict[str, int]]:
     """The data, and the 1-based line of every dotted key (``training.learning_rate``, ``data.train[1]``)."""
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found (working directory: {Path.cwd()}).")
-    text = path.read_text(encoding="utf-8")
+        what = "is a directory, not a YAML file" if path.is_dir() else "not found"
+        raise ConfigError(f"config file '{path}' {what} (working directory: {Path.cwd()}).")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"could not read {path}: not UTF-8 text (byte {e.start}, line {line}); save it as UTF-8."
+        ) from None
     loader = Loader(text)
     try:
         node = loader.get_single_node()
@@ -149,12 +157,19 @@ def read_yaml(path: Path) -> tuple[Any, dict[str, int]]:
     return data, lines
 
 
+def _dotted(key: str, where: str) -> str:
+    head, _, rest = key.partition(".")
+    return f"key '{key}' ({where}): write it nested ({head}: {{{rest}: ...}}); dotted keys are for command-line overrides."
+
+
 def _key_lines(node: Any, prefix: str, out: dict[str, int], path: Path) -> None:
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
             key = f"{prefix}.{k.value}" if prefix else str(k.value)
             if key in out:
                 line = k.start_mark.line + 1
+                if "." in str(k.value):  # `model.path: x` beside `model: {path: y}`
+                    raise ConfigError(_dotted(str(k.value), f"{path}, line {line}"))
                 raise ConfigError(
                     f"key '{key}' appears twice in {path} (lines {out[key]} and {line}); keep one."
                 )
@@ -323,6 +338,8 @@ def build(cls: type, value: Any, key: str, origin: Origin) -> Any:
     for k, v in value.items():
         k = getattr(cls, "ALIASES", {}).get(k, k)
         if k not in names:
+            if isinstance(k, str) and k.partition(".")[0] in names:  # `training.learning_rate: 1e-4` in a file
+                raise ConfigError(_dotted(k, origin.where(f"{prefix}{k}").strip(" ()") or "the config"))
             raise ConfigError(_unknown_key(f"{prefix}{k}", names, prefix, origin))
         try:
             kwargs[k] = _coerce(v, types_[k], f"{prefix}{k}", origin)
@@ -332,10 +349,41 @@ def build(cls: type, value: Any, key: str, origin: Origin) -> Any:
                 f"{origin.where(f'{prefix}{k}')}."
             ) from None
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
     except Invalid as e:
         full = f"{prefix}{e.field}"
         raise ConfigError(f"{full} {e.detail}{origin.where(full)}.") from None
+    object.__setattr__(built, ORIGIN_ATTR, (origin, key))  # not a field: equality, to_dict and dumps ignore it
+    return built
+
+
+# The attribute `build` sets on every dataclass it makes: (its Origin, its dotted key), so that a check made
+# after loading (a model that lacks a target module, a stage that cannot export a method) can name the file
+# and line of the key, or the override, as the load-time errors do. `dataclasses.replace` drops it on the
+# instance it makes, so `origin_of` also asks the sections the replaced config kept.
+ORIGIN_ATTR = "_typed_yaml_origin"
+
+
+def origin_of(cfg: Any) -> tuple[Origin, str] | None:
+    """(Origin, dotted key of `cfg`) of a dataclass `build` made, or of the sections it holds; else None."""
+    found = getattr(cfg, ORIGIN_ATTR, None)
+    if found is not None or not dataclasses.is_dataclass(cfg):
+        return found
+    for f in dataclasses.fields(cfg):
+        section = getattr(getattr(cfg, f.name, None), ORIGIN_ATTR, None)
+        if section is not None and section[1] == f.name:  # a top-level section: its parent is the root
+            return section[0], ""
+    return None
+
+
+def where(cfg: Any, key: str) -> str:
+    """" (FILE, line N)" / " (command-line override 'K=V')" for dotted `key` of `cfg` (relative to it), or ""
+    when `cfg` was not loaded by `load` (built in code) or nothing locates the key."""
+    found = origin_of(cfg)
+    if found is None:
+        return ""
+    origin, prefix = found
+    return origin.where(f"{prefix}.{key}" if prefix else key)
 
 
 def _unknown_key(full: str, valid: list[str], prefix: str, origin: Origin) -> str:
@@ -361,6 +409,9 @@ def load(root: type, source: Any, overrides: Sequence[str] = ()) -> Any:
     origin = Origin(root)
     if source is None or isinstance(source, root) or isinstance(source, Mapping):
         data = to_dict(source or {})  # a deep copy: overrides never touch the caller's dict
+        kept = origin_of(source) if isinstance(source, root) else None
+        if kept is not None and not kept[1]:  # a loaded config again: keep where its values came from
+            origin = dataclasses.replace(kept[0], lines=dict(kept[0].lines), overrides=dict(kept[0].overrides))
     else:
         origin.file = str(source)
         data, origin.lines = read_yaml(Path(source))

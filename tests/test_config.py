@@ -31,7 +31,7 @@ def error(source, overrides=()) -> str:
 
 # Fields whose generic "other value" would break a cross-field rule, given coherent values instead.
 EXPLICIT = {
-    "stage": "dpo",  # ppo/grpo would need a reward
+    "stage": "pt",  # ppo/grpo would need a reward; pair stages exclude data.packing=true
     "method.name": "qlora",  # with model.quantization=nf4 below
     "method.combine": ("prefix",),
     "method.target_modules": ("q_proj", "k_proj", "o_proj"),

@@ -79,5 +79,5 @@ def test_training_with_cudnn_attention_off_gpu_is_a_one_line_error(tmp_path, cap
     assert cli_main(args) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "jaxtune: error: model.attention_impl=cudnn needs an NVIDIA GPU with cuDNN, but JAX's backend here is "
-        "'cpu': set model.attention_impl=xla on this machine."
+        "'cpu': set model.attention_impl=xla on this machine (command-line override 'model.attention_impl=cudnn')."
     )

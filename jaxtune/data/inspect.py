@@ -152,6 +152,12 @@ def _tokenizer(model_cfg):
             f"model.path {name!r} is not a directory; data inspect reads the tokenizer from it: set "
             "model.path to a local Hugging Face model directory (or model.tokenizer to a tokenizer directory)"
         )
+    if Path(name).is_dir():  # a local directory: files that do not load are an error naming them
+        from jaxtune.models import hf
+
+        tokenizer = hf.load_tokenizer(name)
+        if tokenizer is not None:
+            return tokenizer
     from transformers import AutoTokenizer  # lazily: heavy
 
     try:

@@ -265,7 +265,7 @@ def prepare(p: Prepare) -> Prepared:
     if d.loss_type in REFERENCE_FREE:
         log.info("dpo: loss_type=%s needs no reference model", d.loss_type)
         return Prepared(p.trainable, frozen, p.multipliers, train_it, eval_it)
-    mode = reference.reference_mode(d, p.trainable)
+    mode = reference.reference_mode(p.cfg, p.trainable)
     log.info("dpo: loss_type=%s, reference=%s", d.loss_type, mode)
     if p.abstract:  # a restore: the reference is no part of the trained state
         return Prepared(p.trainable, frozen, p.multipliers)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.config import config_error
 from jaxtune.data.batch import PromptBatch, TokenBatch
 from jaxtune.errors import RunError
 from jaxtune.methods import rewards as rewards_lib
@@ -68,9 +69,10 @@ def schedule(cfg) -> Schedule:
     rows = cfg.training.batch_size * g.num_generations
     mini = g.mini_batch_size or rows
     if rows % mini:
-        raise RunError(
-            f"grpo.mini_batch_size={mini} must divide training.batch_size x grpo.num_generations={rows}"
-        )
+        raise config_error(
+            cfg, "grpo.mini_batch_size",
+            f"grpo.mini_batch_size={mini} must divide training.batch_size x grpo.num_generations={rows}", RunError,
+        )  # fmt: skip
     field = "grpo.mini_batch_size" + ("" if g.mini_batch_size else " (default: training.batch_size x grpo.num_generations)")
     return Schedule(prompts=cfg.training.batch_size, rows=rows, mini_batch=mini, epochs=g.num_iterations, field=field)
 

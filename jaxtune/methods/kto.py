@@ -35,6 +35,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from jaxtune.config import config_error
 from jaxtune.data.batch import KTOBatch, TokenBatch
 from jaxtune.errors import RunError
 from jaxtune.methods import reference
@@ -153,11 +154,12 @@ def loss_fn(lm, variables, batch: KTOBatch, rng, cfg, train: bool = True):
 
 def prepare(p: Prepare) -> Prepared:
     """The reference for this run: adapters off under PEFT, else a frozen copy of the trained leaves."""
-    mode = reference.reference_mode(p.cfg.dpo, p.trainable)
+    mode = reference.reference_mode(p.cfg, p.trainable)
     if mode == "precomputed":
-        raise RunError(
+        raise config_error(
+            p.cfg, "dpo.precompute_ref_log_probs",
             "stage kto cannot use dpo.precompute_ref_log_probs: its KL reference point pairs each prompt with "
-            "another row's completion, different in every batch; set it to false"
+            "another row's completion, different in every batch; set it to false", RunError,
         )  # fmt: skip
     log.info("kto: reference=%s", mode)
     frozen = p.frozen

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.config import config_error
 from jaxtune.data.batch import PromptBatch, TokenBatch
 from jaxtune.errors import RunError
 from jaxtune.methods import rewards as rewards_lib
@@ -131,7 +132,8 @@ def schedule(cfg) -> Schedule:
     prompts = p.rollout_batch_size or cfg.training.batch_size
     mini = p.mini_batch_size or prompts
     if prompts % mini:
-        raise RunError(f"ppo.mini_batch_size={mini} must divide the rollout batch of {prompts} prompts")
+        raise config_error(cfg, "ppo.mini_batch_size",
+                           f"ppo.mini_batch_size={mini} must divide the rollout batch of {prompts} prompts", RunError)
     default = "ppo.rollout_batch_size" if p.rollout_batch_size else "training.batch_size"
     field = "ppo.mini_batch_size" if p.mini_batch_size else f"ppo.mini_batch_size (default: {default})"
     return Schedule(prompts=prompts, rows=prompts, mini_batch=mini, epochs=p.ppo_epochs, field=field)
@@ -173,19 +175,26 @@ def _value_lora(cfg, model, split: int):
     return split_layers(vplan.trainable["lora"], split), vplan.spec
 
 
-def _reward_model(path: str, tokenizer):
-    """A jitted scorer of joined TokenBatches with a reward model directory (shared tokenizer)."""
+def _reward_model(cfg, tokenizer):
+    """A jitted scorer of joined TokenBatches with the reward model directory `ppo.reward_model` (shared
+    tokenizer). Every problem with that directory is an error naming the key, its line and the directory."""
+    from jaxtune.errors import JaxtuneError
     from jaxtune.models.hf import load_model
 
-    rm = load_model(path, tokenizer=False)
+    path = cfg.ppo.reward_model
+    try:
+        rm = load_model(path, tokenizer=False)
+    except JaxtuneError as e:  # the directory's own error (it names the directory or file), located
+        raise config_error(cfg, "ppo.reward_model", f"ppo.reward_model={path}: {e}", type(e)) from None
     if "score" not in rm.params:
-        raise RunError(
-            f"ppo.reward_model={path}: no `score` head there; export a reward model with stage rm"
-        )
+        raise config_error(cfg, "ppo.reward_model",
+                           f"ppo.reward_model={path}: no `score` head there; export a reward model with stage rm",
+                           RunError)  # fmt: skip
     if rm.arch.vocab_size < len(tokenizer):
-        raise RunError(
+        raise config_error(
+            cfg, "ppo.reward_model",
             f"ppo.reward_model={path}: vocabulary of {rm.arch.vocab_size} tokens, but the policy's tokenizer has "
-            f"{len(tokenizer)}; the reward model must share the policy's tokenizer"
+            f"{len(tokenizer)}; the reward model must share the policy's tokenizer", RunError,
         )  # fmt: skip
     arch = rm.arch.replace(remat="none")
 
@@ -208,7 +217,7 @@ def prepare(p: Prepare) -> Prepared:
     if p.abstract:
         pass  # a restore: no reward model or function is called
     elif cfg.ppo.reward_model:
-        extra["reward_model"] = _reward_model(cfg.ppo.reward_model, model.tokenizer)
+        extra["reward_model"] = _reward_model(cfg, model.tokenizer)
     else:
         reward = rewards_lib.resolve(cfg.ppo.reward_fn, "ppo.reward_fn")
     head = init_score(lm.arch, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 13))

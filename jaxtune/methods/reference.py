@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.config import config_error
 from jaxtune.errors import RunError
 from jaxtune.models.adapters_hook import without_adapters
 
@@ -32,14 +33,17 @@ log = logging.getLogger("jaxtune.train")
 REFERENCE = "reference"  # frozen collection holding the initial values of the trainable base leaves
 
 
-def reference_mode(dpo_cfg, trainable: dict) -> str:
-    """'adapters_off' | 'frozen_copy' | 'precomputed' for a run whose trainable collections are `trainable`."""
+def reference_mode(cfg, trainable: dict) -> str:
+    """'adapters_off' | 'frozen_copy' | 'precomputed' for a run (RunConfig `cfg`) whose trainable collections
+    are `trainable`."""
+    dpo_cfg = cfg.dpo
     trains_base = "params" in trainable
     if dpo_cfg.reference == "adapters_off" and trains_base:
-        raise RunError(
-            "dpo.reference=adapters_off: this run trains base parameters (full, BitFit or freeze-tuning), so the "
-            "model without adapters is not the initial model; use dpo.reference=frozen_copy (or auto), or "
-            "dpo.precompute_ref_log_probs=true"
+        raise config_error(
+            cfg, "dpo.reference",
+            "dpo.reference=adapters_off: this run trains base parameters (full, BitFit, freeze-tuning or "
+            "method.trainable_patterns), so the model without adapters is not the initial model; use "
+            "dpo.reference=frozen_copy (or auto)", RunError,
         )  # fmt: skip
     if dpo_cfg.precompute_ref_log_probs:
         return "precomputed"

@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxtune.config import config_error
 from jaxtune.data.batch import PreferenceBatch
 from jaxtune.errors import RunError
 from jaxtune.methods.dpo import pair_batch, pair_mask
@@ -91,9 +92,11 @@ def prepare(p: Prepare) -> Prepared:
     cfg, arch = p.cfg, p.lm.arch
     unmergeable = [c for c in UNMERGEABLE if c in p.trainable]
     if unmergeable and cfg.training.export_hf and not p.abstract:
-        raise RunError(
-            f"stage rm exports a *ForSequenceClassification model, which cannot hold {'/'.join(unmergeable)} "
-            "adapters: use method lora, qlora, dora, ia3, bitfit, freeze or full, or set training.export_hf=false"
+        raise config_error(
+            cfg, "method.name",
+            f"{cfg.method.name} does not fit stage rm: it exports a *ForSequenceClassification model, which cannot "
+            f"hold {'/'.join(unmergeable)} adapters: use method lora, qlora, dora, ia3, bitfit, freeze or full, or "
+            "set training.export_hf=false", RunError,
         )  # fmt: skip
     frozen_params = dict(p.frozen["params"])
     trainable = dict(p.trainable)
@@ -138,9 +141,10 @@ def _export_adapter(model, plan, trainable, out: Path) -> Path:
     import json
 
     import numpy as np
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import save_file
 
     from jaxtune import peft
+    from jaxtune.models.safetensors_io import read_tensors
     from jaxtune.peft.interop import CONFIG, PREFIX, WEIGHTS
 
     base_params = sorted(set(trainable.get("params", {})) - {"score"})
@@ -151,7 +155,7 @@ def _export_adapter(model, plan, trainable, out: Path) -> Path:
         )
     adapters = plan.adapters({k: v for k, v in trainable.items() if k != "params"})
     peft.save_adapter(model, adapters, out)
-    tensors = load_file(str(out / WEIGHTS))
+    tensors = read_tensors(out / WEIGHTS)
     kernel = np.asarray(jax.device_get(trainable["params"]["score"]["kernel"]), np.float32)  # [D, 1]
     tensors[PREFIX + SCORE_MAP.hf] = np.ascontiguousarray(kernel.T)  # torch Linear [out, in]
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})

@@ -198,6 +198,11 @@ def _windows(cfg: dict, n_layers: int, model_type: str) -> tuple[int, ...]:
 EXTRA_FAMILIES: dict = {}
 
 
+def supported() -> list[str]:
+    """Every model_type jaxtune loads, sorted (the dense families and those registered in EXTRA_FAMILIES)."""
+    return sorted((*SUPPORTED, *EXTRA_FAMILIES))
+
+
 def arch_from_hf(cfg: dict, **runtime) -> ArchConfig:
     """Build the ArchConfig for a HF `config.json` dict; `runtime` sets dtype, param_dtype, remat, ..."""
     mt = cfg.get("model_type")
@@ -232,9 +237,7 @@ def arch_from_hf(cfg: dict, **runtime) -> ArchConfig:
         cfg = language_model_config(cfg, quiet=True)
         mt = cfg["model_type"]
     if mt not in LLAMA_LIKE:
-        raise UnsupportedModelError(
-            f"model_type {mt!r} is not supported; jaxtune supports: {', '.join(sorted((*SUPPORTED, *EXTRA_FAMILIES)))}"
-        )
+        raise UnsupportedModelError(f"model_type {mt!r} is not supported; jaxtune supports: {', '.join(supported())}")
     if mt in GEMMA_DEFAULTS:
         return _gemma(cfg, mt, runtime)
     attn_bias = bool(cfg.get("attention_bias", False)) and mt != "phi3"  # Phi3 Linears never have biases

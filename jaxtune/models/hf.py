@@ -18,13 +18,15 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from jaxtune.errors import RunError
+from jaxtune.errors import JaxtuneError, RunError
 from jaxtune.models.arch import DTYPES, ArchConfig
 from jaxtune.models.families import (
     IGNORED_SUFFIXES,
     TensorMap,
+    UnsupportedModelError,
     arch_from_hf,
     language_model_config,
+    supported,
     tensor_maps,
 )
 from jaxtune.models.family_moe import checkpoint_maps
@@ -42,17 +44,69 @@ LANGUAGE_MODEL_PREFIXES = (("language_model.model.", "language_model.lm_head."),
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
+def read_json(path: Path, error: type[Exception] = CheckpointError) -> object:
+    """A JSON file, or `error` naming the file and the line and column where it stops being JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); is it a JSON file?") from None
+
+
 def read_hf_config(directory: str | Path) -> dict:
     """config.json as jaxtune sees it: a multimodal Gemma 3's is its language model's (`language_model_config`)."""
     path = Path(directory) / "config.json"
     if not Path(directory).is_dir():
-        raise CheckpointError(f"{directory}: not a directory (expected a Hugging Face model directory)")
+        what = "a file" if Path(directory).exists() else "no such directory"
+        raise CheckpointError(f"{directory}: {what} (expected a Hugging Face model directory)")
     if not path.exists():
         raise CheckpointError(f"{directory}: no config.json — is this a Hugging Face model directory?")
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object (HF config keys), got a {type(cfg).__name__}")
+    if not isinstance(cfg.get("model_type"), str):
+        raise CheckpointError(
+            f"{path}: no \"model_type\" (a string such as \"llama\"); jaxtune supports: {', '.join(supported())}"
+        )
+    archs = cfg.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise CheckpointError(f"{path}: \"architectures\" must be a list of class names, got {archs!r}")
+    if cfg["model_type"] == "gemma3" and not isinstance(cfg.get("text_config", {}), dict):
+        raise CheckpointError(f"{path}: a gemma3 config's \"text_config\" must be an object")
+    return language_model_config(cfg)
+
+
+# config.json sizes: when present (and not null), positive integers
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_inner",
+             "n_positions", "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size")  # fmt: skip
+
+
+def arch_of(directory, hf_config: dict, source: str | None = None, **runtime) -> ArchConfig:
+    """`arch_from_hf` of a model directory's config.json: what it cannot build from is an error naming the file
+    (an unsupported model_type or setting, a missing key, a value of the wrong type); `source`: what the errors
+    name instead of the file (`random_init` for HF config keys given in code or a run config)."""
+    path = source or Path(directory) / "config.json"
+    for key in SIZE_KEYS:
+        value = hf_config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"{path}: {key} must be a positive integer, got {value!r}")
+    rope = hf_config.get("rope_scaling")
+    if rope is not None and not isinstance(rope, dict):
+        raise CheckpointError(f"{path}: rope_scaling must be an object (or null), got {rope!r}")
     try:
-        return language_model_config(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        return arch_from_hf(hf_config, **runtime)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{path}: {e}") from None
+    except KeyError as e:
+        raise CheckpointError(
+            f"{path}: no {e.args[0]!r}, which a {hf_config.get('model_type')} config must give"
+        ) from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError, IndexError) as e:
+        if isinstance(e, JaxtuneError):
+            raise type(e)(f"{path}: {e}") from None
+        raise CheckpointError(f"{path}: a value jaxtune cannot use ({type(e).__name__}: {e})") from None
 
 
 def _relocate(reader: SafetensorsReader, maps: dict) -> tuple[dict, bool]:
@@ -75,16 +129,31 @@ def _renamed(m: TensorMap, renames) -> TensorMap:
     return m
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(directory: str | Path):
-    """`transformers.AutoTokenizer` on the same directory, or None when it holds no tokenizer files."""
+    """`transformers.AutoTokenizer` on the same directory, or None when it holds no tokenizer files; files that
+    do not load are a `CheckpointError` naming the directory (and the file, with line and column, for JSON)."""
     d = Path(directory)
-    if not any(
-        (d / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    ):
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: no such directory (expected a tokenizer or model directory)")
+    if not any((d / f).exists() for f in TOKENIZER_FILES):
         return None
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (d / name).exists() and not isinstance(read_json(d / name), dict):
+            raise CheckpointError(f"{d / name}: must hold a JSON object")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(d))
+    try:
+        return AutoTokenizer.from_pretrained(str(d))
+    except Exception as e:  # transformers / tokenizers raise many kinds; every one means these files are unusable
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        files = ", ".join(f for f in (*TOKENIZER_FILES, "special_tokens_map.json") if (d / f).exists())
+        raise CheckpointError(
+            f"{d}: the tokenizer files there ({files}) do not load ({type(e).__name__}: {detail[:300]}); "
+            "re-download or re-save them, or set model.tokenizer to another directory"
+        ) from None
 
 
 def _part(t: np.ndarray, m: TensorMap) -> np.ndarray:
@@ -127,8 +196,12 @@ def _check(reader: SafetensorsReader, maps: list[TensorMap], shapes: dict, n_lay
                     got = (*got[:-1], got[-1] // m.part[1])
                 got = (*got[:-2], got[-1], got[-2]) if m.transpose else got
                 if tuple(got) != tuple(want):
+                    hf_want = (*want[:-2], want[-1], want[-2]) if m.transpose else tuple(want)  # as HF stores it
+                    if m.part:
+                        hf_want = (*hf_want[:-1], hf_want[-1] * m.part[1])
                     problems.append(
-                        f"tensor {name} has shape {reader.shape(name)}, config.json implies {tuple(want)}"
+                        f"tensor {name} has shape {reader.shape(name)}, config.json implies {hf_want} "
+                        f"(in {reader.file_of(name).name})"
                     )
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
@@ -195,7 +268,7 @@ def load_model(
     `mesh`: load every tensor straight into its shards on that mesh (`parallel/rules.py`), unless `shardings`
     (a stacked-layout params tree of `NamedSharding`s) says otherwise."""
     cfg = read_hf_config(path)
-    arch = arch_from_hf(cfg, dtype=dtype, param_dtype=param_dtype, **runtime)
+    arch = arch_of(path, cfg, dtype=dtype, param_dtype=param_dtype, **runtime)
     if shardings is None and mesh is not None:
         shardings = param_shardings(arch.replace(scan_layers=True), mesh)
     params = load_params(path, arch, shardings, head="score" if is_seq_cls(cfg) else "lm")
@@ -203,18 +276,30 @@ def load_model(
     return Model(arch=arch, params=params, tokenizer=tok, hf_config=cfg, path=str(path))
 
 
-def from_hf_config(hf_config: dict, rng=0, tokenizer=None, mesh=None, **runtime) -> Model:
-    """A randomly initialised model from HF config keys (e.g. {"model_type": "llama", "hidden_size": 64, ...}).
-
-    `mesh`: every parameter is created in its shards on that mesh (the values do not depend on the mesh)."""
-    from transformers import AutoConfig
-
+def random_init_config(hf_config: dict) -> dict:
+    """HF config keys (`model.random_init`) completed with transformers' defaults for their model_type."""
     kwargs = dict(hf_config)
     model_type = kwargs.pop("model_type", None)
     if model_type is None:
         raise CheckpointError("random_init needs a `model_type` (e.g. llama, qwen2, gpt2)")
-    full = language_model_config(AutoConfig.for_model(model_type, **kwargs).to_dict())
-    arch = arch_from_hf(full, **runtime)
+    if model_type not in supported():
+        raise UnsupportedModelError(
+            f"random_init: model_type {model_type!r} is not supported; jaxtune supports: {', '.join(supported())}"
+        )
+    from transformers import AutoConfig  # after the checks: importing it takes seconds
+
+    try:
+        return language_model_config(AutoConfig.for_model(model_type, **kwargs).to_dict())
+    except (TypeError, ValueError) as e:
+        raise UnsupportedModelError(f"random_init: transformers rejects these {model_type} keys ({e})") from None
+
+
+def from_hf_config(hf_config: dict, rng=0, tokenizer=None, mesh=None, **runtime) -> Model:
+    """A randomly initialised model from HF config keys (e.g. {"model_type": "llama", "hidden_size": 64, ...}).
+
+    `mesh`: every parameter is created in its shards on that mesh (the values do not depend on the mesh)."""
+    full = random_init_config(hf_config)
+    arch = arch_of(None, full, "random_init", **runtime)
     shardings = None if mesh is None else param_shardings(arch, mesh)
     return Model(arch=arch, params=init_params(arch, rng, shardings), tokenizer=tokenizer, hf_config=full)
 

@@ -43,7 +43,7 @@ class _Tensors:
     never drops part of an adapter silently."""
 
     def __init__(self, d: Path):
-        reader = SafetensorsReader(d)
+        reader = SafetensorsReader(d, files=[d / WEIGHTS])  # headers checked before any tensor is read
         self.file = d / WEIGHTS
         self.arrays = {n: np.asarray(reader.get(n)) for n in reader.names()}
         self.placed: set[str] = set()

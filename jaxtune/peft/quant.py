@@ -26,9 +26,9 @@ import numpy as np
 from flax import traverse_util
 
 from jaxtune.models import adapters_hook
-from jaxtune.models.families import TensorMap, arch_from_hf, tensor_maps
+from jaxtune.models.families import TensorMap, tensor_maps
 from jaxtune.models.family_moe import checkpoint_maps
-from jaxtune.models.hf import _layer_tensor, load_tokenizer, read_hf_config
+from jaxtune.models.hf import _layer_tensor, arch_of, load_tokenizer, read_hf_config
 from jaxtune.models.model import Model
 from jaxtune.models.safetensors_io import SafetensorsReader
 from jaxtune.peft import names
@@ -174,7 +174,7 @@ def load_quantized(path, fmt: str = "nf4", block_size: int = 64, double_quant: b
     """
     check(fmt, block_size)
     cfg = read_hf_config(path)
-    arch = arch_from_hf(cfg, **runtime)
+    arch = arch_of(path, cfg, **runtime)
     reader = SafetensorsReader(path)
     dtype = arch.weight_dtype
     quantized = {(*m.path, "kernel") for m in quantized_modules(arch)}

@@ -16,6 +16,7 @@ import time
 
 import jax
 
+from jaxtune.config import config_error
 from jaxtune.errors import NonFiniteLoss, RunError
 from jaxtune.methods import METHODS
 from jaxtune.peft import merge_variables
@@ -166,7 +167,8 @@ def _early_stop(evaluated: dict, meta: dict, t, step: int) -> bool:
     """Track the best eval metric; True once `early_stopping_patience` evals in a row did not improve."""
     key = t.best_metric.removeprefix("eval_")
     if key not in evaluated:
-        raise RunError(f"training.best_metric={t.best_metric!r}: eval reports {sorted('eval_' + k for k in evaluated)}")
+        reports = sorted("eval_" + k for k in evaluated)
+        raise config_error(t, "best_metric", f"training.best_metric={t.best_metric!r}: eval reports {reports}", RunError)
     value = float(evaluated[key])
     meta["history"].append(value)
     best = meta["best"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import jax
 
 from jaxtune import peft
+from jaxtune.config_rules import config_error, locating
 from jaxtune.data import pipeline
 from jaxtune.errors import MissingError, RunError
 from jaxtune.methods import METHODS, Method, Prepare, Prepared, Schedule
@@ -90,10 +92,11 @@ def _rl_accumulation(cfg, schedule: Schedule) -> int:
     if micro is None:
         return 1
     if schedule.mini_batch % micro:
-        raise RunError(
+        raise config_error(
+            cfg, "training.micro_batch_size",
             f"training.micro_batch_size={micro} must divide the RL mini-batch of {schedule.mini_batch} sequences "
-            f"(stage {cfg.stage}: see {schedule.field})"
-        )
+            f"(stage {cfg.stage}: see {schedule.field})", RunError,
+        )  # fmt: skip
     return schedule.mini_batch // micro
 
 
@@ -106,11 +109,25 @@ def _check_single_process(cfg) -> None:
         )
 
 
+def _located(cfg, e: Exception) -> Exception:
+    """A PEFT error about `cfg.method` as `config_error` words it: the method key it names (its first word, e.g.
+    target_modules=..., else method.name) with its file and line or override."""
+    text = str(e)
+    first = re.match(r"\w+", text)
+    fields = {f.name for f in dataclasses.fields(cfg.method)}
+    key = first.group() if first and first.group() in fields else "name"
+    detail = f"method.{text}" if key != "name" else f"method.name={'+'.join((cfg.method.name, *cfg.method.combine))}: {text}"
+    return config_error(cfg, f"method.{key}", detail, type(e))
+
+
 def _adapt(cfg, method: Method, model, train_it=None, eval_it=None, abstract: bool = False):
     """The PEFT plan, the policy LM and the method's prepare -> (plan, lm, Prepared)."""
     m, t = cfg.model, cfg.training
-    plan = peft.prepare(model, cfg.method, jax.random.PRNGKey(cfg.seed), quantization=m.quantization,
-                        double_quant=m.double_quant, quant_block_size=m.quant_block_size)  # fmt: skip
+    try:
+        plan = peft.prepare(model, cfg.method, jax.random.PRNGKey(cfg.seed), quantization=m.quantization,
+                            double_quant=m.double_quant, quant_block_size=m.quant_block_size)  # fmt: skip
+    except peft.PeftConfigError as e:  # a method setting this model cannot take: name its key and line
+        raise _located(cfg, e) from None
     neftune = 0.0 if method.rl else (t.neftune_alpha or 0.0)  # noise on the embeddings of SFT-style stages only
     moe = {}  # mixture of experts: the router loss weights, from the run config over the checkpoint's
     if model.arch.num_experts:
@@ -144,29 +161,31 @@ def build_run(cfg, *, abstract: bool = False, weights: bool = True) -> Run:
     method = METHODS[cfg.stage]
     if abstract:
         return _abstract_run(cfg, method, weights)
-    init_distributed(cfg.parallel)  # multi-host: before anything touches a device
+    with locating(cfg):  # its errors name the parallel / training key they are about, and its line
+        init_distributed(cfg.parallel)  # multi-host: before anything touches a device
     if method.rl:
         _check_single_process(cfg)
     cfg, run_dir, main = setup.start_run(cfg)
     t = cfg.training
     schedule = method.rl.schedule(cfg) if method.rl else None
-    mesh = mesh_from_config(cfg.parallel)
-    log.info("%s", describe_mesh(mesh))
-    if schedule is not None:
-        accum = _rl_accumulation(cfg, schedule)
-        check_batch_size(schedule.mini_batch, mesh, schedule.field)
-        if accum > 1:
-            check_batch_size(t.micro_batch_size, mesh, "training.micro_batch_size")
-        batch_size = schedule.prompts
-    else:
-        accum = t.accumulation_steps
-        for field, size in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size or t.batch_size)):
-            check_batch_size(size, mesh, f"training.{field}")
-        batch_size = t.batch_size
-        if jax.process_count() > 1:
-            start, stop = process_batch_slice(t.batch_size, mesh)
-            log.info("process %d of %d feeds rows [%d, %d) of each global batch of %d", jax.process_index(),
-                     jax.process_count(), start, stop, t.batch_size)  # fmt: skip
+    with locating(cfg):  # a batch that does not split over the mesh: named with its line
+        mesh = mesh_from_config(cfg.parallel)
+        log.info("%s", describe_mesh(mesh))
+        if schedule is not None:
+            accum = _rl_accumulation(cfg, schedule)
+            check_batch_size(schedule.mini_batch, mesh, schedule.field)
+            if accum > 1:
+                check_batch_size(t.micro_batch_size, mesh, "training.micro_batch_size")
+            batch_size = schedule.prompts
+        else:
+            accum = t.accumulation_steps
+            for field, size in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size or t.batch_size)):
+                check_batch_size(size, mesh, f"training.{field}")
+            batch_size = t.batch_size
+            if jax.process_count() > 1:
+                start, stop = process_batch_slice(t.batch_size, mesh)
+                log.info("process %d of %d feeds rows [%d, %d) of each global batch of %d", jax.process_index(),
+                         jax.process_count(), start, stop, t.batch_size)  # fmt: skip
     model = setup.build_model(cfg, mesh=mesh)  # base weights created / loaded straight into their shards
     its = pipeline.build(cfg.data, model.tokenizer, batch_size, method.data_kind, seed=cfg.seed,
                          eval_batch_size=t.eval_batch_size or batch_size)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from jaxtune.config import dump_yaml
+from jaxtune.config_rules import config_error, locating
 from jaxtune.errors import MissingError, RunError
 
 log = logging.getLogger("jaxtune.train")
@@ -92,6 +94,15 @@ def load_tokenizer(cfg):
         from jaxtune import demo
 
         return demo.char_tokenizer()
+    if name and Path(name).is_dir():  # a local directory: its files checked, errors naming it and the key
+        from jaxtune.models import hf
+
+        with _located(cfg, "model.tokenizer"):
+            tokenizer = hf.load_tokenizer(name)
+        if tokenizer is None:
+            raise config_error(cfg, "model.tokenizer", f"model.tokenizer={name}: no tokenizer files there (one of "
+                               f"{', '.join(hf.TOKENIZER_FILES)})", MissingError)  # fmt: skip
+        return tokenizer
     if name:
         from transformers import AutoTokenizer
 
@@ -99,8 +110,25 @@ def load_tokenizer(cfg):
             return AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as e:  # no such directory / no tokenizer files there (nothing is downloaded)
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MissingError(f"model.tokenizer {name!r}: no tokenizer loads from it ({detail})") from None
+            raise config_error(cfg, "model.tokenizer", f"model.tokenizer {name!r}: no tokenizer loads from it "
+                               f"({detail})", MissingError) from None  # fmt: skip
     return None
+
+
+@contextlib.contextmanager
+def _located(cfg, key: str):
+    """A model-directory or model-config error (it names the directory or file) raised inside, also naming `key`
+    and its line; other errors (a mesh that does not fit the model, ...) pass unchanged."""
+    from jaxtune.models import CheckpointError, UnsupportedModelError
+
+    try:
+        yield
+    except (CheckpointError, UnsupportedModelError) as e:
+        value = getattr(cfg.model, key.split(".")[-1])
+        shown = f"{key}={value}: " if isinstance(value, str) else ""  # a path, not the random_init mapping
+        text = f"{shown}{e}"
+        text = f"model.{text}" if text.startswith("random_init") else text  # hf words it for its own API
+        raise config_error(cfg, key, text, type(e)) from None
 
 
 # Set (to 1) by tests that run the Pallas kernels through the interpreter on a CPU: a run may then name one.
@@ -155,19 +183,24 @@ def build_model(cfg, mesh=None):
     from jaxtune.models import hf
 
     m = cfg.model
-    impl = check_attention_impl(m.attention_impl)
+    with locating(cfg):  # the key's line in the YAML file
+        impl = check_attention_impl(m.attention_impl)
     tokenizer = load_tokenizer(cfg)
     if m.path:
-        model = hf.load_model(m.path, tokenizer=tokenizer is None, mesh=mesh, **_runtime(cfg, impl))
+        with _located(cfg, "model.path"):
+            model = hf.load_model(m.path, tokenizer=tokenizer is None, mesh=mesh, **_runtime(cfg, impl))
         if tokenizer is not None:
             model.tokenizer = tokenizer
     elif m.random_init:
-        model = hf.from_hf_config(_random_init(cfg, tokenizer), rng=cfg.seed, tokenizer=tokenizer, mesh=mesh,
-                                  **_runtime(cfg, impl))  # fmt: skip
+        with _located(cfg, "model.random_init"):
+            model = hf.from_hf_config(_random_init(cfg, tokenizer), rng=cfg.seed, tokenizer=tokenizer, mesh=mesh,
+                                      **_runtime(cfg, impl))  # fmt: skip
     else:
         raise _no_model()
     if model.tokenizer is None:
-        raise RunError(f"model: no tokenizer found for {m.path or 'random_init'}; set `model.tokenizer`")
+        where = f"{m.path} holds no tokenizer files (one of {', '.join(hf.TOKENIZER_FILES)})" if m.path else (
+            "random_init has no tokenizer")
+        raise config_error(cfg, "model.tokenizer", f"is not set and {where}; set model.tokenizer", RunError)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         # keep the exported config's special ids in step with the tokenizer the model was trained with
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
@@ -182,10 +215,8 @@ def abstract_model(cfg):
     tokenizer's vocabulary, as training has it), parameters as `ShapeDtypeStruct`s; no weight is read.
     Traced with XLA's attention where the configured kernel's platform is absent (shapes do not depend on it)."""
     import jax
-    from transformers import AutoConfig
 
     from jaxtune.models import attention, hf
-    from jaxtune.models.families import arch_from_hf, language_model_config
     from jaxtune.models.model import Model, init_params
 
     m = cfg.model
@@ -193,19 +224,19 @@ def abstract_model(cfg):
     impl = impl if impl == "xla" or attention.PLATFORM[impl] == jax.default_backend() else "xla"
     tokenizer = load_tokenizer(cfg)
     if m.path:
-        hf_config = hf.read_hf_config(m.path)
+        with _located(cfg, "model.path"):
+            hf_config = hf.read_hf_config(m.path)
+            arch = hf.arch_of(m.path, hf_config, **_runtime(cfg, impl))
         if tokenizer is None:
             try:
                 tokenizer = hf.load_tokenizer(m.path)
             except Exception:  # shapes need no tokenizer; a missing one is training's error to report
                 tokenizer = None
     elif m.random_init:
-        init = _random_init(cfg, tokenizer)
-        if "model_type" not in init:
-            raise RunError("model.random_init needs a `model_type` (e.g. llama, qwen2, gpt2)")
-        hf_config = language_model_config(AutoConfig.for_model(init.pop("model_type"), **init).to_dict())
+        with _located(cfg, "model.random_init"):
+            hf_config = hf.random_init_config(_random_init(cfg, tokenizer))
+            arch = hf.arch_of(None, hf_config, "random_init", **_runtime(cfg, impl))
     else:
         raise _no_model()
-    arch = arch_from_hf(hf_config, **_runtime(cfg, impl))
     params = jax.eval_shape(lambda: init_params(arch, 0))
     return Model(arch=arch, params=params, tokenizer=tokenizer, hf_config=hf_config, path=m.path)

@@ -68,7 +68,7 @@ def perturbed(tree, scale=0.3, seed=1):
 def test_lora_reference_is_exactly_the_base_model(setup):
     model, _, _, batch = setup
     plan = peft.prepare(model, LORA, 0)
-    assert reference.reference_mode(load_config({}).dpo, plan.trainable) == "adapters_off"
+    assert reference.reference_mode(load_config({}), plan.trainable) == "adapters_off"
     trained = perturbed(plan.trainable)  # B != 0: the adapters now change the outputs
     variables = peft.merge_variables(plan.frozen, trained)
     lm = LM(plan.arch)
@@ -101,7 +101,7 @@ def test_full_finetuning_reference_is_a_frozen_copy_that_survives_donated_steps(
     plan = peft.prepare(model, {"method": "full"}, 0)
     cfg = load_config({"stage": "dpo", "method": {"name": "full"},
                        "training": {"batch_size": 8, "learning_rate": 1e-2, "lr_scheduler": "constant"}})  # fmt: skip
-    assert reference.reference_mode(cfg.dpo, plan.trainable) == "frozen_copy"
+    assert reference.reference_mode(cfg, plan.trainable) == "frozen_copy"
     prep = dpo.prepare(Prepare(cfg, LM(plan.arch), model, plan, plan.trainable, plan.frozen, plan.lr_multipliers))
     trainable, frozen, multipliers = prep.trainable, prep.frozen, prep.multipliers
     assert set(frozen) == {"params", reference.REFERENCE}

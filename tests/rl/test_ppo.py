@@ -88,7 +88,8 @@ def test_reward_model_scores_equal_transformers(tmp_path):
                          num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)  # fmt: skip
     hf = LlamaForSequenceClassification(config).eval()
     hf.save_pretrained(tmp_path)
-    score = ppo._reward_model(str(tmp_path), demo.char_tokenizer())
+    cfg = load_config({"stage": "ppo", "ppo": {"reward_model": str(tmp_path)}})
+    score = ppo._reward_model(cfg, demo.char_tokenizer())
     rng = np.random.RandomState(0)
     prompts, mask = np.zeros((3, 8), np.int32), np.zeros((3, 8), np.int32)
     for i, n in enumerate((8, 5, 2)):

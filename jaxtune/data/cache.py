@@ -389,5 +389,11 @@ def _result(path: Path, manifest: dict, arrays: dict, kind: str, hit: bool) -> P
     if hit:
         log.info("data: mapped the tokenised cache %s (%d items, built %s)", path, n, info.built)
     else:
-        log.info("data: tokenised %d items in %.1f s with %d worker(s) into %s", n, info.seconds, info.workers, path)
+        log.info(
+            "data: tokenised %d items in %.1f s with %d worker(s) into %s",
+            n,
+            info.seconds,
+            info.workers,
+            path,
+        )
     return Prepared(train, ev, info)

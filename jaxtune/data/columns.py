@@ -109,7 +109,9 @@ class Mapped(Sequence):
         return self.a[name][off[i] : off[i + 1]]
 
     def _ex(self, p: str, i: int) -> Example:
-        return Example(self._slice(p + "ids", i), self._slice(p + "weights", i), int(self.a[p + "prompt_len"][i]))
+        return Example(
+            self._slice(p + "ids", i), self._slice(p + "weights", i), int(self.a[p + "prompt_len"][i])
+        )
 
     def __getitem__(self, i):
         i = operator.index(i)
@@ -125,4 +127,3 @@ class Mapped(Sequence):
             return self._ex("", i), bool(self.a["label"][i])
         answer = None if self.a["answer_none"][i] else self._slice("answer", i).tobytes().decode(*_UTF8)
         return self._slice("ids", i), answer
-

@@ -59,7 +59,9 @@ def tokenizer_fingerprint(tokenizer) -> str | None:
         h.update(backend.to_str().encode())
     elif hasattr(tokenizer, "get_vocab"):  # slow tokenizers: the vocabulary and how the class was built
         h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
-        h.update(repr(sorted((k, repr(v)) for k, v in getattr(tokenizer, "init_kwargs", {}).items())).encode())
+        h.update(
+            repr(sorted((k, repr(v)) for k, v in getattr(tokenizer, "init_kwargs", {}).items())).encode()
+        )
     else:
         return None
     specials = {

@@ -147,7 +147,7 @@ def iterators(
             train_sets, eval_sets = prep.train, prep.eval if prep.eval is not None else []
         else:  # in this process, in memory
             train_sets, eval_sets = [], []
-            for part, target, records in plan():
+            for _, target, records in plan():
                 if target == "train":
                     train_sets.append([it for r in records for it in enc(r)])
                 else:

@@ -139,7 +139,9 @@ def run(tasks: list, tokenizer, kind: str, options: dict, num_workers: int):
         return
     ctx = multiprocessing.get_context("spawn")
     workers = min(num_workers, len(tasks))
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(tokenizer, kind, options)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init, initargs=(tokenizer, kind, options)
+    ) as pool:
         futures = [pool.submit(_worker, t) for t in tasks]
         try:
             for f in futures:

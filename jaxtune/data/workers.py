@@ -5,8 +5,8 @@ uses and writes its columns to the build directory (`columns.write_chunk`), retu
 never travel back through a pipe, and no process holds more than one chunk of them. Results come back in task
 order, so the assembled arrays are byte-identical for any worker count (one worker runs in this process).
 
-Workers are started with `spawn`: a forked child of a process that has initialised JAX (or the Rust tokenizer's
-thread pool) can deadlock. A `JaxtuneError` raised in a worker (a `DataError` naming file and row, a template
+Workers come from a `forkserver` (`spawn` where there is none), never from `fork`: a forked child of a process
+that has initialised JAX (or the Rust tokenizer's thread pool) can deadlock. A `JaxtuneError` raised in a worker (a `DataError` naming file and row, a template
 that does not apply) comes back as a plain value and is raised again here, the same error with the same
 location, never a multiprocessing traceback; skipped records (`on_error: skip`) come back counted.
 """
@@ -127,6 +127,17 @@ def raise_error(state: dict):
     raise err
 
 
+def _context(tokenizer):
+    """forkserver where the platform has it: its server imports this module and the tokenizer's (JAX
+    imported, never initialised) once, and forks each worker from that, so workers start at once; spawn
+    elsewhere. Never fork this process: it may have initialised JAX."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__, type(tokenizer).__module__])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
 def run(tasks: list, tokenizer, kind: str, options: dict, num_workers: int):
     """Yield each task's result in task order; raise a worker's JaxtuneError as itself."""
     if num_workers <= 1 or len(tasks) <= 1:
@@ -137,7 +148,7 @@ def run(tasks: list, tokenizer, kind: str, options: dict, num_workers: int):
                 raise_error(result["error"])
             yield result
         return
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _context(tokenizer)
     workers = min(num_workers, len(tasks))
     with ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_init, initargs=(tokenizer, kind, options)

@@ -275,51 +275,58 @@ def _build(final: Path, key: str, inputs: dict, job: dict) -> tuple[dict, dict]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
     try:
-        chunks = tmp / "chunks"
-        chunks.mkdir()
-        parts = job["plan"]()  # [(set name, "train" | "eval", records)], loaded and cleaned here
-        names = list(dict.fromkeys(p for p, _, _ in parts))
-        reports = {p: job["report"] if t == "train" else job["eval_report"] for p, t, _ in parts}
-        size = _chunk_size(sum(len(r) for _, _, r in parts), job["num_workers"])
-        tasks, seqs = [], collections.Counter()
-        for part, _, records in parts:
-            for a in range(0, len(records), size):
-                tasks.append((part, seqs[part], records[a : a + size], str(chunks)))
-                seqs[part] += 1
-        del parts
-        done, logged = {p: [] for p in names}, collections.Counter()
-        bkind = batch_kind(job["kind"])
-        for result in workers.run(tasks, job["tokenizer"], job["kind"], job["options"], job["num_workers"]):
-            workers.add_report(reports[result["part"]], result["report"])
-            workers.add_skips(job["policy"], result, logged)
-            done[result["part"]].append(result)
-        arrays = {}
-        for part in names:
-            arrays.update(_assemble(tmp, chunks, bkind, part, done[part]))
-        chunks.rmdir()
-        tokens = lambda part: sum(arrays[f"{part}.{c}.npy"]["shape"][0] for c in columns.TOKEN_COLUMNS
-                                  if f"{part}.{c}.npy" in arrays)  # fmt: skip
-        manifest = {
-            "format_version": FORMAT_VERSION, "key": key, "kind": job["kind"],
-            "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(time.perf_counter() - t0, 3), "workers": job["num_workers"],
-            "parts": {p: {"items": sum(r["items"] for r in done[p]), "tokens": tokens(p)} for p in names},
-            "train_parts": [p for p in names if p.startswith("train")],
-            "eval_part": "eval" if "eval" in names else None,
-            "report": workers.report_state(job["report"]), "eval_report": workers.report_state(job["eval_report"]),
-            "skipped": list(job["policy"].skipped.items()), "examples": dict(job["policy"].examples),
-            "arrays": arrays, "inputs": inputs,
-        }  # fmt: skip
-        manifest["checksum"] = _checksum(manifest)
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1, default=repr)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync(tmp)
+        (tmp / "chunks").mkdir()
+        pool = workers.Pool(job["tokenizer"], job["kind"], job["options"], job["num_workers"])
+        with pool:  # the workers start while the records load
+            _build_in(tmp, key, inputs, job, pool, t0)
         return _publish(tmp, final, key)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _build_in(tmp: Path, key: str, inputs: dict, job: dict, pool, t0: float) -> None:
+    """Load, tokenise and write everything into `tmp`, the manifest last."""
+    chunks = tmp / "chunks"
+    parts = job["plan"]()  # [(set name, "train" | "eval", records)], loaded and cleaned here
+    names = list(dict.fromkeys(p for p, _, _ in parts))
+    reports = {p: job["report"] if t == "train" else job["eval_report"] for p, t, _ in parts}
+    size = _chunk_size(sum(len(r) for _, _, r in parts), job["num_workers"])
+    tasks, seqs = [], collections.Counter()
+    for part, _, records in parts:
+        for a in range(0, len(records), size):
+            tasks.append((part, seqs[part], records[a : a + size], str(chunks)))
+            seqs[part] += 1
+    del parts
+    done, logged = {p: [] for p in names}, collections.Counter()
+    bkind = batch_kind(job["kind"])
+    for result in pool.run(tasks):
+        workers.add_report(reports[result["part"]], result["report"])
+        workers.add_skips(job["policy"], result, logged)
+        done[result["part"]].append(result)
+    arrays = {}
+    for part in names:
+        arrays.update(_assemble(tmp, chunks, bkind, part, done[part]))
+    chunks.rmdir()
+    tokens = lambda part: sum(arrays[f"{part}.{c}.npy"]["shape"][0] for c in columns.TOKEN_COLUMNS
+                              if f"{part}.{c}.npy" in arrays)  # fmt: skip
+    manifest = {
+        "format_version": FORMAT_VERSION, "key": key, "kind": job["kind"],
+        "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - t0, 3), "workers": job["num_workers"],
+        "parts": {p: {"items": sum(r["items"] for r in done[p]), "tokens": tokens(p)} for p in names},
+        "train_parts": [p for p in names if p.startswith("train")],
+        "eval_part": "eval" if "eval" in names else None,
+        "report": workers.report_state(job["report"]), "eval_report": workers.report_state(job["eval_report"]),
+        "skipped": list(job["policy"].skipped.items()), "examples": dict(job["policy"].examples),
+        "arrays": arrays, "inputs": inputs,
+    }  # fmt: skip
+    manifest["checksum"] = _checksum(manifest)
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1, default=repr)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(tmp)
 
 
 def _publish(tmp: Path, final: Path, key: str) -> tuple[dict, dict]:

@@ -138,22 +138,44 @@ def _context(tokenizer):
     return multiprocessing.get_context("spawn")
 
 
-def run(tasks: list, tokenizer, kind: str, options: dict, num_workers: int):
-    """Yield each task's result in task order; raise a worker's JaxtuneError as itself."""
-    if num_workers <= 1 or len(tasks) <= 1:
-        state = {"tokenizer": tokenizer, "kind": kind, "options": options}
-        for task in tasks:
-            result = encode_chunk(state, task)
-            if result["error"]:
-                raise_error(result["error"])
-            yield result
-        return
-    ctx = _context(tokenizer)
-    workers = min(num_workers, len(tasks))
-    with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init, initargs=(tokenizer, kind, options)
-    ) as pool:
-        futures = [pool.submit(_worker, t) for t in tasks]
+def _ready() -> None:
+    """A no-op task: submitting one per worker starts them all."""
+
+
+class Pool:
+    """`num_workers` worker processes (none for one: tasks then run here). Created before the records are loaded,
+    so the workers start and unpickle the tokenizer meanwhile."""
+
+    def __init__(self, tokenizer, kind: str, options: dict, num_workers: int):
+        self.state = {"tokenizer": tokenizer, "kind": kind, "options": options}
+        self.pool = None
+        if num_workers > 1:
+            self.pool = ProcessPoolExecutor(
+                num_workers,
+                mp_context=_context(tokenizer),
+                initializer=_init,
+                initargs=(tokenizer, kind, options),
+            )
+            for _ in range(num_workers):
+                self.pool.submit(_ready)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, tasks: list):
+        """Yield each task's result in task order; raise a worker's JaxtuneError as itself."""
+        if self.pool is None or len(tasks) <= 1:
+            for task in tasks:
+                result = encode_chunk(self.state, task)
+                if result["error"]:
+                    raise_error(result["error"])
+                yield result
+            return
+        futures = [self.pool.submit(_worker, t) for t in tasks]
         try:
             for f in futures:
                 result = f.result()

@@ -32,7 +32,8 @@ TARGETS = {
     "plot": "jaxtune.train.plot:main",  # main(run_dir, out=None)
     "estimate": "jaxtune.estimate:main",  # main(cfg)
 }
-CONFIG_COMMANDS = ("train", "data inspect", "data prepare", "estimate")  # take CONFIG [overrides...] and get a RunConfig
+# take CONFIG [overrides...] and get a RunConfig
+CONFIG_COMMANDS = ("train", "data inspect", "data prepare", "estimate")
 
 EPILOG = """\
 examples:
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         command("inspect", "show how a config's data is read, templated, tokenised and batched", data)
     )
     _add_config_args(
-        command("prepare", "tokenise a config's data once into the memory-mapped cache runs and hosts map", data)
+        command("prepare", "tokenise a config's data once into the memory-mapped cache that runs map", data)
     )
 
     p = command("plot", "plot the loss and metric curves of a run")

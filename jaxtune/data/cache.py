@@ -91,10 +91,13 @@ def hosts() -> tuple[int, int]:
     backend: `jaxtune data prepare` must not grab an accelerator)."""
     if "jax" not in sys.modules:
         return 0, 1
-    from jax._src import distributed  # jax's own state: process_count() would initialise a backend
+    try:
+        from jax._src import distributed  # jax's own state: process_count() would initialise a backend
 
-    state = distributed.global_state
-    if state.client is None or not state.num_processes:
+        state = distributed.global_state
+        if state.client is None or not state.num_processes:
+            return 0, 1
+    except (ImportError, AttributeError):  # another jax layout: every host then builds or maps on its own
         return 0, 1
     return int(state.process_id), int(state.num_processes)
 
@@ -270,9 +273,20 @@ def _chunk_size(total: int, num_workers: int) -> int:
     return max(64, min(4096, -(-total // max(1, 4 * num_workers))))
 
 
+def _sweep(final: Path, max_age_s: float = 86400.0) -> None:
+    """Remove this key's build and trash directories left by processes killed more than a day ago."""
+    for stale in final.parent.glob(f"{final.name}.*-*"):
+        try:
+            if time.time() - stale.stat().st_mtime > max_age_s:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _build(final: Path, key: str, inputs: dict, job: dict) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     final.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(final)
     tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
     try:
         (tmp / "chunks").mkdir()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import time
 from copy import deepcopy
 
 import numpy as np
@@ -198,6 +200,11 @@ def test_a_lost_rename_race_keeps_the_winner(files, chatml_tok, tmp_path):
     shutil.copytree(final, loser)
     manifest, _ = cache._publish(loser, final, key)
     assert not loser.exists() and manifest["key"] == key
+    old, fresh = tmp_path / (final.name + ".tmp-killed"), tmp_path / (final.name + ".tmp-building")
+    old.mkdir(), fresh.mkdir()
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    cache._sweep(final)  # a build first removes what killed builds of its key left, a day on
+    assert not old.exists() and fresh.exists() and final.exists()
 
 
 def test_two_workers_equal_one_and_skips_merge(files, chatml_tok, tmp_path):

@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from copy import deepcopy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,3 +312,49 @@ def test_streaming_and_cache_off_write_nothing(files, chatml_tok, tmp_path):
     assert len(batches(s, 3)) == 3
     with pytest.raises(ConfigError, match="num_workers"):
         DataConfig(num_workers=0)
+
+
+HOST = """
+import hashlib, json, sys
+import jax
+jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id={pid})
+from transformers import AutoTokenizer
+from jaxtune.data import items, pipeline
+if {pid} == 1:  # the shared directory is built by process 0: this one must only map it
+    items.Encoder._items = lambda *a, **k: sys.exit("process 1 tokenised")
+train, _ = pipeline.iterators({src!r}, AutoTokenizer.from_pretrained({tok!r}), 3, "lm", cache_dir={cache!r})
+b = next(train)
+print(json.dumps({{"hit": train.cache.hit, "batch": hashlib.sha1(b.input_ids.tobytes()).hexdigest()}}))
+"""
+
+
+@pytest.mark.skipif(
+    not os.environ.get("JAXTUNE_TEST_MULTIHOST_DATA"),
+    reason="two JAX processes take ~20-60 s on 2 cores (over the suite's budget); JAXTUNE_TEST_MULTIHOST_DATA=1 runs it",
+)
+def test_two_real_processes_share_one_cache(files, chatml_tok, tmp_path):
+    """jax.distributed on two local CPU processes: process 0 builds, process 1 waits for its signal, then maps."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    chatml_tok.save_pretrained(tmp_path / "tok")
+    args = dict(
+        port=port, src=str(files / "alpaca.json"), tok=str(tmp_path / "tok"), cache=str(tmp_path / "c")
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = [subprocess.Popen([sys.executable, "-c", HOST.format(pid=pid, **args)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for pid in (0, 1)]  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    zero, one = (json.loads(o.strip().splitlines()[-1]) for o in outs)
+    assert (zero["hit"], one["hit"]) == (False, True) and zero["batch"] == one["batch"]

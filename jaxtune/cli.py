@@ -1,4 +1,4 @@
-"""The `jaxtune` command: train | export | generate | chat | data inspect | plot | estimate.
+"""The `jaxtune` command: train | export | generate | chat | data inspect | data prepare | plot | estimate.
 
 Each command names its implementation as a ``"module:function"`` string (`TARGETS`) imported only when the
 command runs, so ``jaxtune --help`` answers at once and never imports JAX. Errors meant for users — every
@@ -29,10 +29,12 @@ TARGETS = {
     "generate": "jaxtune.generate_cli:main",  # main(args); args.generation is a GenerationConfig
     "chat": "jaxtune.generate_cli:main",
     "data inspect": "jaxtune.data.inspect:main",  # main(cfg, data kind of the stage)
+    "data prepare": "jaxtune.data.prepare_cmd:main",  # main(cfg, data kind of the stage)
     "plot": "jaxtune.train.plot:main",  # main(run_dir, out=None)
     "estimate": "jaxtune.estimate:main",  # main(cfg)
 }
-CONFIG_COMMANDS = ("train", "data inspect", "estimate")  # take CONFIG [overrides...] and get a RunConfig
+# take CONFIG [overrides...] and get a RunConfig
+CONFIG_COMMANDS = ("train", "data inspect", "data prepare", "estimate")
 
 EPILOG = """\
 examples:
@@ -143,11 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts per batch (default: 16)")
     _add_sampling_args(command("chat", "chat with a model in the terminal"))
 
-    p = command("data", "dataset tools: data inspect CONFIG")
+    p = command("data", "dataset tools: data inspect CONFIG, data prepare CONFIG")
     p.set_defaults(print_help=p.print_help)
     data = p.add_subparsers(dest="data_command", metavar="COMMAND", title="commands")
     _add_config_args(
         command("inspect", "show how a config's data is read, templated, tokenised and batched", data)
+    )
+    _add_config_args(
+        command("prepare", "tokenise a config's data once into the memory-mapped cache that runs map", data)
     )
 
     p = command("plot", "plot the loss and metric curves of a run")
@@ -203,7 +208,7 @@ def _run(args: argparse.Namespace, command: str) -> Any:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        if command == "data inspect":  # the data kind comes from the stage's method record
+        if command in ("data inspect", "data prepare"):  # the data kind comes from the stage's method record
             from jaxtune.methods import METHODS
 
             return _target(command)(cfg, METHODS[cfg.stage].data_kind)

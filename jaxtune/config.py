@@ -127,9 +127,15 @@ class DataConfig:
     min_length: int = 1  # drop examples with fewer tokens
     bucket_multiple: int = 64  # pad lengths up to a multiple of this (fewer compiled shapes)
     max_samples: int | None = None  # per source, after shuffling
+    # Tokenised-dataset cache (in-memory mode only; streaming never caches): the items are written once as
+    # memory-mapped arrays under cache_dir, keyed by everything they depend on, and mapped by later runs,
+    # resumes and hosts (jaxtune/data/cache.py); `jaxtune data prepare CONFIG` builds it ahead of time.
+    cache: bool = True
+    cache_dir: str | None = None  # None: $JAXTUNE_DATA_CACHE if set, else ~/.cache/jaxtune/data
+    num_workers: int = 1  # tokenisation processes (spawned); the items are identical for any count
 
     def __post_init__(self):
-        positive(self, "cutoff_len", "bucket_multiple", "max_samples")
+        positive(self, "cutoff_len", "bucket_multiple", "max_samples", "num_workers")
         non_negative(self, "val_size", "min_length")
 
 

@@ -3,17 +3,24 @@
   suite compiles the same tiny programs many times (each resume, export and CLI run is a fresh process), and
   a cache hit is an exact copy of what the compiler returns, keyed by the program, jax version and devices.
   `JAX_COMPILATION_CACHE_DIR` set beforehand picks the directory; `JAXTUNE_TEST_XLA_CACHE=0` turns it off.
+- the tokenised-dataset cache (`data.cache`) of every run in the suite, subprocesses included, lives in a fresh
+  temporary directory (`JAXTUNE_DATA_CACHE`), never in the home directory; removed at exit.
 - a training run points the `jaxtune` logger at its run directory and stops it propagating (no duplicate lines
   under a configured root logger); undo that after each test so `caplog` sees jaxtune's records whatever ran
   before.
 """
 
+import atexit
 import logging
 import os
+import shutil
 import sys
 import tempfile
 
 import pytest
+
+os.environ["JAXTUNE_DATA_CACHE"] = tempfile.mkdtemp(prefix="jaxtune-test-data-cache-")
+atexit.register(shutil.rmtree, os.environ["JAXTUNE_DATA_CACHE"], True)
 
 if os.environ.get("JAXTUNE_TEST_XLA_CACHE", "1") != "0":
     os.environ.setdefault(

@@ -40,8 +40,9 @@ def test_help_lists_every_command():
             ["--model", "--adapter", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p"],
         ),
         (["chat"], ["--model", "--adapter", "--template", "--temperature"]),
-        (["data"], ["inspect"]),
+        (["data"], ["inspect", "prepare"]),
         (["data", "inspect"], ["CONFIG", "section.field=value"]),
+        (["data", "prepare"], ["CONFIG", "section.field=value"]),
         (["plot"], ["RUN_DIR", "--out"]),
         (["estimate"], ["CONFIG", "section.field=value"]),
     ],
@@ -140,7 +141,7 @@ def fake_targets(monkeypatch, tmp_path):
     return jt_fake_target.calls
 
 
-@pytest.mark.parametrize("command", ["train", "estimate", "data inspect"])
+@pytest.mark.parametrize("command", ["train", "estimate", "data inspect", "data prepare"])
 def test_config_commands_get_the_run_config(fake_targets, tmp_path, command):
     path = tmp_path / "run.yaml"
     path.write_text("training:\n  batch_size: 4\n")
@@ -149,7 +150,7 @@ def test_config_commands_get_the_run_config(fake_targets, tmp_path, command):
     (cfg, *rest), kwargs = fake_targets[0]
     assert isinstance(cfg, RunConfig) and kwargs == {}
     assert (cfg.training.batch_size, cfg.seed) == (12, 3)
-    assert rest == (["lm"] if command == "data inspect" else [])  # the sft record's data kind
+    assert rest == (["lm"] if command.startswith("data") else [])  # the sft record's data kind
 
 
 def test_overrides_may_follow_options(fake_targets, tmp_path, capsys):

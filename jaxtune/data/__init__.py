@@ -5,6 +5,7 @@ Public API (see `../shared/DESIGN.md`):
     ids, labels = jaxtune.data.encode(record, tokenizer, template=None)
     train_it, eval_it = jaxtune.data.pipeline.build(data_cfg, tokenizer, batch_size, kind)  # items.DATA_KINDS
     jaxtune.data.inspect.run(data_cfg, tokenizer, kind)
+    jaxtune.data.prepare_cmd.prepare(data_cfg, tokenizer, kind)  # build the tokenised cache (data/cache.py) ahead
 """
 
 from jaxtune.data import inspect, pipeline

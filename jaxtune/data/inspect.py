@@ -135,7 +135,7 @@ def run(
     }
 
 
-def _tokenizer(model_cfg):
+def tokenizer_of(model_cfg, command: str = "data inspect"):
     """The tokenizer training uses: `model.tokenizer`, else the one in the `model.path` directory."""
     field = "model.tokenizer" if model_cfg.tokenizer else "model.path"
     name = model_cfg.tokenizer or model_cfg.path
@@ -145,11 +145,11 @@ def _tokenizer(model_cfg):
         return demo.char_tokenizer()
     if not name:
         raise RunError(
-            "data inspect needs a tokenizer: set model.tokenizer, or model.path to a model directory"
+            f"{command} needs a tokenizer: set model.tokenizer, or model.path to a model directory"
         )
     if field == "model.path" and not Path(name).is_dir():
         raise MissingError(
-            f"model.path {name!r} is not a directory; data inspect reads the tokenizer from it: set "
+            f"model.path {name!r} is not a directory; {command} reads the tokenizer from it: set "
             "model.path to a local Hugging Face model directory (or model.tokenizer to a tokenizer directory)"
         )
     if Path(name).is_dir():  # a local directory: files that do not load are an error naming them
@@ -170,12 +170,10 @@ def _tokenizer(model_cfg):
         ) from None
 
 
-def main(cfg, kind: str) -> dict:
-    """`jaxtune data inspect CONFIG`: `cfg` is a RunConfig (its model gives the tokenizer); `kind` the data
-    kind of its stage's method record (the CLI looks it up: `methods.METHODS[cfg.stage].data_kind`)."""
-    tokenizer = _tokenizer(cfg.model)  # first: a wrong model path is reported before any data is read
+def data_of(cfg):
+    """`cfg.data`, with the demo config's generated data (`builtin:demo`) written as `train` writes it."""
     data_cfg = cfg.data
-    if "builtin:demo" in tuple(data_cfg.train):  # the demo config's generated data, as `train` makes it
+    if "builtin:demo" in tuple(data_cfg.train):
         import dataclasses
         import tempfile
 
@@ -186,4 +184,11 @@ def main(cfg, kind: str) -> dict:
         )
         train = tuple(str(train_file) if s == "builtin:demo" else s for s in data_cfg.train)
         data_cfg = dataclasses.replace(data_cfg, train=train, eval=tuple(data_cfg.eval) or (str(eval_file),))
-    return run(data_cfg, tokenizer, kind, batch_size=cfg.training.batch_size, seed=cfg.seed)
+    return data_cfg
+
+
+def main(cfg, kind: str) -> dict:
+    """`jaxtune data inspect CONFIG`: `cfg` is a RunConfig (its model gives the tokenizer); `kind` the data
+    kind of its stage's method record (the CLI looks it up: `methods.METHODS[cfg.stage].data_kind`)."""
+    tokenizer = tokenizer_of(cfg.model)  # first: a wrong model path is reported before any data is read
+    return run(data_of(cfg), tokenizer, kind, batch_size=cfg.training.batch_size, seed=cfg.seed)

@@ -50,6 +50,7 @@ class BatchIterator:
         self._rows = self._next_cursor = None
         self._last = False
         self.report = self.policy = None  # set by pipeline.iterators: what cleaning did, and the skips
+        self.cache = None  # set by pipeline.iterators: the tokenised cache its items are mapped from
 
     # ---- position ----------------------------------------------------------------------------------------
     def get_state(self) -> dict:

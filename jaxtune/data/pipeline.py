@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxtune.config import DataConfig
-from jaxtune.data import prepare
+from jaxtune.data import cache, prepare
 from jaxtune.data.errors import ErrorPolicy
 from jaxtune.data.items import Encoder, batch_kind
 from jaxtune.data.iterator import BatchIterator
@@ -131,20 +131,28 @@ def iterators(
             )
         order = _stream_order(train_src, enc, ratios, seed, shuffle, window, int(val_size), max_samples)
         eval_sets = _stream_eval(train_src[0], int(val_size), encoder(eval_report)) if val_size else []
+        prep = None  # streaming reads lazily: never cached
     else:
-        loaded = [_load(src, policy, dedup, report, max_samples, seed) for src in train_src]
-        total, train_sets, eval_sets = sum(map(len, loaded)), [], []
-        for records in loaded:
-            if val_size:
-                # A count is shared across sources in proportion to their sizes; a ratio applies to each.
-                n_val = val_size if val_size < 1 else round(val_size * len(records) / max(1, total))
-                records, val, _ = prepare.split(records, n_val, seed=seed)
-                eval_sets += [it for r in val for it in encoder(eval_report)(r)]
-            train_sets.append([it for r in records for it in enc(r)])
+        plan = lambda: _memory_plan(d, train_src, eval_src, policy, report, eval_report, val_size, seed)
+        prep = None
+        if d.cache or d.num_workers > 1:
+            options = dict(
+                template=d.template, template_kwargs=d.template_kwargs, rewritten_history=d.rewritten_history,
+                cutoff_len=cutoff_len, train_on_prompt=d.train_on_prompt, mask_history=d.mask_history,
+                min_length=d.min_length, overlength=d.overlength, on_error=d.on_error,
+            )  # fmt: skip
+            prep = cache.prepared(d, tokenizer, kind, seed, train_src, eval_src, plan, options, policy, report,
+                                  eval_report, persist=d.cache)  # fmt: skip
+        if prep is not None:
+            train_sets, eval_sets = prep.train, prep.eval if prep.eval is not None else []
+        else:  # in this process, in memory
+            train_sets, eval_sets = [], []
+            for _, target, records in plan():
+                if target == "train":
+                    train_sets.append([it for r in records for it in enc(r)])
+                else:
+                    eval_sets += [it for r in records for it in encoder(eval_report)(r)]
         order = MemoryOrder(train_sets, ratios, seed, shuffle, window)
-    for src in eval_src:
-        records = _load(src, policy, "none", eval_report, max_samples, seed)
-        eval_sets += [it for r in records for it in encoder(eval_report)(r)]
     train_it = BatchIterator(order, collate, batch_size, shuffle=shuffle, epochs=epochs, **common)
     eval_it = None
     if eval_sets:
@@ -152,6 +160,7 @@ def iterators(
         eval_it = BatchIterator(eval_order, collate, eval_batch_size or batch_size, shuffle=False, epochs=1, drop_last=False, **common)  # fmt: skip
     report.skipped, eval_report.skipped = policy.skipped, policy.skipped
     train_it.report, train_it.policy = report, policy
+    train_it.cache = prep.info if prep is not None else None  # where the tokenised items are mapped from
     if eval_it is not None:
         eval_it.report = eval_report
     for line in report.lines():
@@ -166,6 +175,23 @@ def iterators(
             log.warning("data: the chat template does not write the %s of %d assistant turns", what, n)
     policy.log_summary()
     return Iterators(train_it, eval_it)
+
+
+def _memory_plan(d, train_src, eval_src, policy, report, eval_report, val_size, seed) -> list:
+    """Every source loaded and cleaned, split, in the order they are encoded: [(set name, "train" | "eval",
+    records)], one train set per source and every eval part in the set "eval"."""
+    loaded = [_load(src, policy, d.dedup, report, d.max_samples, seed) for src in train_src]
+    total, parts = sum(map(len, loaded)), []
+    for k, records in enumerate(loaded):
+        if val_size:
+            # A count is shared across sources in proportion to their sizes; a ratio applies to each.
+            n_val = val_size if val_size < 1 else round(val_size * len(records) / max(1, total))
+            records, val, _ = prepare.split(records, n_val, seed=seed)
+            parts.append(("eval", "eval", val))
+        parts.append((f"train{k}", "train", records))
+    for src in eval_src:  # (explicit eval sources replace the held-out split: val_size is then 0)
+        parts.append(("eval", "eval", _load(src, policy, "none", eval_report, d.max_samples, seed)))
+    return parts
 
 
 def _load(src, policy, dedup, report, max_samples, seed) -> list:

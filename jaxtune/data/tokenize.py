@@ -116,6 +116,9 @@ def _token_spans(rendered: Rendered, tokenizer) -> tuple[list[int], np.ndarray]:
     return ids, np.asarray(ranges, np.int64).reshape(-1, 2)
 
 
+_KIND_CODES = {"assistant": 1, "function_call": 2}  # the turn kinds whose trained tokens are counted
+
+
 def tokens_of(rendered: Rendered, tokenizer, train_on_prompt: bool = False, counts=None) -> Example:
     """Tokenise the whole text once; a token is trained when it overlaps a trained span (the rule of
     transformers' `return_assistant_tokens_mask`). `counts` (a Counter), if given, gets trained tokens by
@@ -124,16 +127,18 @@ def tokens_of(rendered: Rendered, tokenizer, train_on_prompt: bool = False, coun
     ids = np.asarray(ids, np.int32)
     starts, ends = ranges[:, 0], ranges[:, 1]
     weights = np.full(len(ids), 1.0 if train_on_prompt else 0.0, np.float32)
-    kinds = np.full(len(ids), "", object) if counts is not None else None
+    # Each token's turn kind as a small code (an object array of strings costs more than the tokenisation).
+    kinds = np.zeros(len(ids), np.int8) if counts is not None else None
     for start, end, w, kind in rendered.spans:
         hit = (ends > start) & (starts < end)
         weights[hit] = w
         if kinds is not None:
-            kinds[hit] = kind
+            kinds[hit] = _KIND_CODES.get(kind, len(_KIND_CODES) + 1)
     if counts is not None:
-        for kind in ("assistant", "function_call"):
-            counts[f"trained ({kind})"] += int(((kinds == kind) & (weights > 0)).sum())
-        counts["not trained"] += int((weights == 0).sum())
+        trained = weights > 0
+        for kind, code in _KIND_CODES.items():
+            counts[f"trained ({kind})"] += int(np.count_nonzero((kinds == code) & trained))
+        counts["not trained"] += int(np.count_nonzero(weights == 0))
     prompt_len = int((ends <= rendered.response_start).sum())
     return Example(ids, weights, prompt_len)
 

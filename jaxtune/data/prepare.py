@@ -39,9 +39,7 @@ class Report:
 
     def merge(self, other: Report) -> Report:
         by_file = {f: list(v) for f, v in self.by_file.items()}
-        for f, v in other.by_file.items():
-            mine = by_file.setdefault(f, [0, 0, 0, -1])
-            by_file[f] = [a + b for a, b in zip(mine[:3], v[:3])] + [max(mine[3], v[3])]
+        add_file_counts(by_file, other.by_file.items())
         return Report(
             self.loaded + other.loaded,
             self.kept + other.kept,
@@ -91,6 +89,13 @@ class Report:
             out.append(f"tokens trained: {trained} of {sum(tokens.values())} ({parts})")
         out += [f"  {k}: {n}" for k, n in sorted(self.tokens.items()) if "turns" in k and n]
         return out
+
+
+def add_file_counts(by_file: dict, items) -> None:
+    """Add (file, [loaded, kept, examples, last row]) pairs into a `Report.by_file` mapping."""
+    for f, v in items:
+        mine = by_file.setdefault(f, [0, 0, 0, -1])
+        by_file[f] = [a + b for a, b in zip(mine[:3], v[:3])] + [max(mine[3], v[3])]
 
 
 def clean_text(text: str) -> str:

@@ -59,6 +59,7 @@ def report_state(report: prepare.Report) -> dict:
         "chunked": report.chunked,
         "filtered": [[k, n] for k, n in report.filtered.items()],
         "tokens": [[k, n] for k, n in report.tokens.items()],
+        "by_file": [[f, list(v)] for f, v in report.by_file.items()],
     }
 
 
@@ -70,6 +71,7 @@ def add_report(report: prepare.Report, state: dict) -> None:
     report.chunked += state["chunked"]
     report.filtered.update(dict(state["filtered"]))
     report.tokens.update(dict(state["tokens"]))
+    prepare.add_file_counts(report.by_file, state.get("by_file", ()))
 
 
 def add_skips(policy: ErrorPolicy, result: dict, logged: collections.Counter) -> None:

@@ -34,7 +34,7 @@ def files(tmp_path_factory):
     rows = [{"instruction": f"Question {i}? " + "why " * (i % 7), "input": "", "output": f"Answer {i}. " * (1 + i % 5)}
             for i in range(40)]  # fmt: skip
     (d / "alpaca.json").write_text(json.dumps(rows))
-    kto = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i} " * i}],
+    kto = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i} " * (i + 1)}],
             "label": i % 3 == 0} for i in range(12)]  # fmt: skip
     (d / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kto))
     pref = [

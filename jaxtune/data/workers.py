@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from jaxtune.data import columns, prepare
@@ -140,6 +141,14 @@ def _context(tokenizer):
     return multiprocessing.get_context("spawn")
 
 
+_BROKEN = (
+    "a data.num_workers tokenisation worker died before finishing its records (killed, out of memory, or it "
+    "could not start: a Python script that calls jaxtune must guard its top-level code with "
+    "`if __name__ == \"__main__\":`, since each worker re-imports the main module); set data.num_workers=1 to "
+    "tokenise in this process"
+)
+
+
 def _ready() -> None:
     """A no-op task: submitting one per worker starts them all."""
 
@@ -177,10 +186,16 @@ class Pool:
                     raise_error(result["error"])
                 yield result
             return
-        futures = [self.pool.submit(_worker, t) for t in tasks]
+        try:
+            futures = [self.pool.submit(_worker, t) for t in tasks]
+        except BrokenProcessPool:
+            raise RunError(_BROKEN) from None
         try:
             for f in futures:
-                result = f.result()
+                try:
+                    result = f.result()
+                except BrokenProcessPool:
+                    raise RunError(_BROKEN) from None
                 if result["error"]:
                     raise_error(result["error"])
                 yield result

@@ -26,6 +26,7 @@ from jaxtune.data.errors import DataError
 from jaxtune.data.fingerprint import cache_key
 from jaxtune.data.loading import resolve
 from jaxtune.data.tokenize import Example
+from jaxtune.errors import RunError
 
 
 @pytest.fixture(scope="module")
@@ -358,3 +359,17 @@ def test_two_real_processes_share_one_cache(files, chatml_tok, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     zero, one = (json.loads(o.strip().splitlines()[-1]) for o in outs)
     assert (zero["hit"], one["hit"]) == (False, True) and zero["batch"] == one["batch"]
+
+
+class _DiesOnArrival:
+    """Unpickling it ends the process: a worker killed mid-task (OOM killer, a script without a main guard)."""
+
+    def __reduce__(self):
+        return (os._exit, (3,))
+
+
+def test_a_worker_that_dies_is_one_error_naming_num_workers(chatml_tok, tmp_path):
+    options = {"on_error": "raise"}
+    tasks = [("train0", k, [_DiesOnArrival()], str(tmp_path)) for k in range(2)]
+    with workers.Pool(chatml_tok, "lm", options, 2) as pool, pytest.raises(RunError, match="num_workers=1"):
+        list(pool.run(tasks))

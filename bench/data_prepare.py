@@ -230,6 +230,7 @@ def main() -> None:
         args.rows, args.vocab = 300, 1000
     with tempfile.TemporaryDirectory(prefix="jaxtune-bench-data-") as tmp:
         args.dir = args.dir or Path(tmp)
+        args.dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         data = rows(args.rows)
         (args.dir / "alpaca.json").write_text(json.dumps(data))

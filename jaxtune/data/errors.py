@@ -77,7 +77,11 @@ class ErrorPolicy:
         self.skipped[err.reason] += 1
         self.examples.setdefault(err.reason, str(err))
         if self.skipped[err.reason] <= _LOGGED_PER_REASON:
-            log.warning("skipping bad record: %s", err)
+            self.tell(err)
+
+    def tell(self, err: DataError) -> None:
+        """One of the first few skips of its reason: logged."""
+        log.warning("skipping bad record: %s", err)
 
     @property
     def total(self) -> int:

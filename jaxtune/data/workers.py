@@ -41,13 +41,8 @@ class Collect(ErrorPolicy):
         super().__init__(on_error)
         self.messages: list[tuple[str, str]] = []
 
-    def handle(self, err: DataError) -> None:
-        if self.on_error == "raise":
-            raise err
-        self.skipped[err.reason] += 1
-        self.examples.setdefault(err.reason, str(err))
-        if self.skipped[err.reason] <= _LOGGED_PER_REASON:
-            self.messages.append((err.reason, str(err)))
+    def tell(self, err: DataError) -> None:
+        self.messages.append((err.reason, str(err)))
 
 
 def report_state(report: prepare.Report) -> dict:

@@ -4,13 +4,15 @@ The items `pipeline.iterators` builds in memory are a pure function of the sourc
 is read (format, columns, tags, split, sample counts), the tokenizer (its serialized state, special tokens and
 chat template), the template and its kwargs, the data kind, the cleaning, split and tokenisation options, the
 run seed (splits and max_samples subsets are seeded), and jaxtune's own item encoding (`FORMAT_VERSION`, bumped
-whenever an item or the array layout changes). Options applied after the items (packing, bucketing, shuffling,
-batch size, mixture ratios) are not part of it, so changing them reuses the cache.
+whenever an item or the array layout changes, and a hash of jaxtune/data's source files). Options applied after
+the items (packing, bucketing, shuffling, batch size, mixture ratios) are not part of it, so changing them reuses
+the cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -76,8 +78,18 @@ def tokenizer_fingerprint(tokenizer) -> str | None:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def _code() -> str:
+    """A hash of the data package's own source: a jaxtune upgrade or a local edit that changes how items are made
+    can never map a cache built by other code (FORMAT_VERSION alone relies on someone remembering to bump it)."""
+    h = hashlib.blake2b(digest_size=16)
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def _versions() -> dict:
-    out = {}
+    out = {"jaxtune.data source": _code()}
     for name in ("transformers", "tokenizers", "jinja2"):
         try:
             from importlib.metadata import version

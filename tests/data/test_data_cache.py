@@ -373,3 +373,13 @@ def test_a_worker_that_dies_is_one_error_naming_num_workers(chatml_tok, tmp_path
     tasks = [("train0", k, [_DiesOnArrival()], str(tmp_path)) for k in range(2)]
     with workers.Pool(chatml_tok, "lm", options, 2) as pool, pytest.raises(RunError, match="num_workers=1"):
         list(pool.run(tasks))
+
+
+def test_other_data_code_makes_another_key(files, chatml_tok, monkeypatch):
+    from jaxtune.data import fingerprint
+
+    d = DataConfig(train=(str(files / "alpaca.json"),))
+    key = lambda: cache_key(d, "lm", 0, [resolve(s, None, None) for s in d.train], [], chatml_tok)[0]
+    before = key()
+    monkeypatch.setattr(fingerprint, "_code", lambda: "an upgraded jaxtune/data")
+    assert key() != before

@@ -347,23 +347,24 @@ def _kto(r: _Row) -> Record:
         rec = _chat(r, False, "messages", {})
         _check_completion(r, rec.messages, r.col("messages", "messages"))
         return dataclasses.replace(rec, label=label)
-    prompt_v, completion_v = r.get("prompt", "prompt"), r.get("response", "completion")
-    prompt = _prompt(r, prompt_v, "prompt", "prompt")
-    completion = _turns(r, completion_v, "response", "completion")
-    system, rest = msgs.split_system(prompt, r.col("prompt", "prompt"), r.loc)
-    _order(r, rest, "prompt", "prompt", prompt_v, offset=len(prompt) - len(rest))
-    _order(r, completion, "response", "completion", completion_v, after=rest[-1].role if rest else None)
+    system, rest, completion = _prompt_response(r, "prompt", "completion")
     _check_completion(r, completion, r.col("response", "completion"))
     return _conversation(r, rest + completion, system=system, label=label)
 
 
+def _prompt_response(r: _Row, prompt_name: str, response_name: str):
+    """(system split off the prompt, the prompt's other turns, the response turns), both in checked order."""
+    prompt_v, response_v = r.get("prompt", prompt_name), r.get("response", response_name)
+    prompt = _prompt(r, prompt_v, "prompt", prompt_name)
+    response = _turns(r, response_v, "response", response_name)
+    system, rest = msgs.split_system(prompt, r.col("prompt", prompt_name), r.loc)
+    _order(r, rest, "prompt", prompt_name, prompt_v, offset=len(prompt) - len(rest))
+    _order(r, response, "response", response_name, response_v, after=rest[-1].role if rest else None)
+    return system, rest, response
+
+
 def _qa(r: _Row) -> Record:
-    prompt_v, answer_v = r.get("prompt", "question"), r.get("response", "answer")
-    prompt = _prompt(r, prompt_v, "prompt", "question")
-    answer = _turns(r, answer_v, "response", "answer")
-    s, prompt_rest = msgs.split_system(prompt, r.col("prompt", "question"), r.loc)
-    _order(r, prompt_rest, "prompt", "question", prompt_v, offset=len(prompt) - len(prompt_rest))
-    _order(r, answer, "response", "answer", answer_v, after=prompt_rest[-1].role if prompt_rest else None)
+    s, prompt_rest, answer = _prompt_response(r, "question", "answer")
     system = r.text("system", "system", required=False) or s
     return _conversation(r, prompt_rest + answer, system=system)
 

@@ -105,13 +105,15 @@ def iterators(
     cutoff_len, dedup, max_samples, shuffle = d.cutoff_len, d.dedup, d.max_samples, d.shuffle
     policy = ErrorPolicy(d.on_error)
 
+    # The Encoder's options, also what the cache's workers build their Encoder from (with on_error).
+    options = dict(
+        template=d.template, template_kwargs=d.template_kwargs, rewritten_history=d.rewritten_history,
+        cutoff_len=cutoff_len, train_on_prompt=d.train_on_prompt, mask_history=d.mask_history,
+        min_length=d.min_length, overlength=d.overlength,
+    )  # fmt: skip
+
     def encoder(report):
-        return Encoder(
-            tokenizer, kind, template=d.template, template_kwargs=d.template_kwargs,
-            rewritten_history=d.rewritten_history, cutoff_len=cutoff_len, train_on_prompt=d.train_on_prompt,
-            mask_history=d.mask_history, min_length=d.min_length, overlength=d.overlength, policy=policy,
-            report=report,
-        )  # fmt: skip
+        return Encoder(tokenizer, kind, policy=policy, report=report, **options)
 
     train_src = _sources(d.train, d.dataset_dir, d.format)
     if not train_src:
@@ -136,12 +138,8 @@ def iterators(
         plan = lambda: _memory_plan(d, train_src, eval_src, policy, report, eval_report, val_size, seed)
         prep = None
         if d.cache or d.num_workers > 1:
-            options = dict(
-                template=d.template, template_kwargs=d.template_kwargs, rewritten_history=d.rewritten_history,
-                cutoff_len=cutoff_len, train_on_prompt=d.train_on_prompt, mask_history=d.mask_history,
-                min_length=d.min_length, overlength=d.overlength, on_error=d.on_error,
-            )  # fmt: skip
-            prep = cache.prepared(d, tokenizer, kind, seed, train_src, eval_src, plan, options, policy, report,
+            prep = cache.prepared(d, tokenizer, kind, seed, train_src, eval_src, plan,
+                                  {**options, "on_error": d.on_error}, policy, report,
                                   eval_report, persist=d.cache)  # fmt: skip
         if prep is not None:
             train_sets, eval_sets = prep.train, prep.eval if prep.eval is not None else []

@@ -200,17 +200,22 @@ def _dataset_prompts(path: Path) -> list[tuple[list, str | None]]:
     return prompts
 
 
+def stop_token_ids(loaded: Loaded, stops) -> tuple[int, ...]:
+    """The EOS ids, plus the stop strings that are one token: those can also end the jitted loop."""
+    single = set()
+    for s in stops:
+        ids = loaded.tokenizer(s, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            single.add(int(ids[0]))
+    return tuple(sorted(set(loaded.stop_ids) | single))
+
+
 class Generator:
     """Prompt ids -> completion texts with the sampling settings of `args.generation` (a GenerationConfig)."""
 
     def __init__(self, loaded: Loaded, gen, seed: int = 0):
         self.m, self.gen, self.seed = loaded, gen, seed
-        single = []
-        for s in gen.stop:  # a stop string that is one token can also end the jitted loop
-            ids = loaded.tokenizer(s, add_special_tokens=False)["input_ids"]
-            if len(ids) == 1:
-                single.append(ids[0])
-        self.stop_ids = tuple(sorted(set(loaded.stop_ids) | set(single)))
+        self.stop_ids = stop_token_ids(loaded, gen.stop)
 
     def __call__(self, prompts: list[list[int]]) -> list[str]:
         from jaxtune.generate import cut_at_stop, generate

@@ -26,6 +26,7 @@ from jaxtune.train.metrics import MetricsWriter
 from jaxtune.train.prefetch import Prefetcher
 from jaxtune.train.run import Run, build_run
 from jaxtune.train.sharding import to_host
+from jaxtune.train.status import RunStatus
 
 log = logging.getLogger("jaxtune.train")
 
@@ -34,11 +35,12 @@ __all__ = ["NonFiniteLoss", "run", "train"]
 
 def run(cfg) -> dict:
     """Train as `cfg` (a RunConfig) says. Returns a summary (final metrics, stop reason, paths)."""
-    if METHODS[cfg.stage].rl is not None:  # ppo / grpo: rollouts, then updates
-        from jaxtune.train import rl_loop
+    with RunStatus(cfg) as status:  # <output_dir>/status.json: running -> finished / stopped / failed
+        if METHODS[cfg.stage].rl is not None:  # ppo / grpo: rollouts, then updates
+            from jaxtune.train import rl_loop
 
-        return rl_loop.train(build_run(cfg))
-    return train(build_run(cfg))
+            return status.end(rl_loop.train(status.built(build_run(cfg))))
+        return status.end(train(status.built(build_run(cfg))))
 
 
 def train(run: Run) -> dict:

@@ -37,6 +37,7 @@ from jaxtune.train.lifecycle import Signals, due, finish, interrupted
 from jaxtune.train.metrics import MetricsWriter
 from jaxtune.train.run import Run, build_run
 from jaxtune.train.sharding import global_batch
+from jaxtune.train.status import RunStatus
 
 log = logging.getLogger("jaxtune.train")
 
@@ -67,8 +68,9 @@ def eval_reward(ctx, variables, eval_it, n: int) -> float | None:
 
 
 def run(cfg) -> dict:
-    """Train stage ppo / grpo as `cfg` says (`build_run` + `train`)."""
-    return train(build_run(cfg))
+    """Train stage ppo / grpo as `cfg` says (`build_run` + `train`), recorded in status.json (train/status.py)."""
+    with RunStatus(cfg) as status:
+        return status.end(train(status.built(build_run(cfg))))
 
 
 def train(run: Run) -> dict:
@@ -87,7 +89,7 @@ def train(run: Run) -> dict:
     writer = MetricsWriter(run.run_dir, cfg.logging, steps, start, enabled=run.main)
     stop_reason, metrics = "completed", {}
     batches = iter(run.train_it)
-    t0 = time.perf_counter()
+    t0, it = time.perf_counter(), start
     with Signals() as signals:
         for it in range(start + 1, steps + 1):
             prompts = next(batches)
@@ -123,7 +125,7 @@ def train(run: Run) -> dict:
     ckpt.close()
     writer.close()
     run.state = state
-    summary.update(stop_reason=stop_reason, last=metrics, reward_history=meta["history"])
+    summary.update(stop_reason=stop_reason, step=it, last=metrics, reward_history=meta["history"])
     if stop_reason.startswith("signal"):
         interrupted(signals, f"iteration {it}")
         return summary

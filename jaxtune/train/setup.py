@@ -14,6 +14,7 @@ from pathlib import Path
 from jaxtune.config import dump_yaml
 from jaxtune.config_rules import config_error, locating
 from jaxtune.errors import MissingError, RunError
+from jaxtune.train import status
 
 log = logging.getLogger("jaxtune.train")
 
@@ -74,13 +75,15 @@ def resolve_builtins(cfg, run_dir: Path):
 
 
 def start_run(cfg):
-    """The run directory, logging to it, builtin data resolved, and (process 0) the run record:
-    -> (cfg with builtins resolved, run_dir, is_main_process)."""
+    """The run directory, logging to it, builtin data resolved, and (process 0) the run record and its
+    status.json ("running"): -> (cfg with builtins resolved, run_dir, is_main_process)."""
     import jax
 
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     main = jax.process_index() == 0
+    if main:
+        status.begin(run_dir)
     setup_logging(run_dir)
     cfg = resolve_builtins(cfg, run_dir)
     if main:

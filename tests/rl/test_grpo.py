@@ -13,6 +13,7 @@ from jaxtune import cli
 from jaxtune.config import load_config
 from jaxtune.methods.grpo import group_advantages, k3, objective
 from jaxtune.train.loop import run
+from jaxtune.train.status import read_status
 
 
 def test_group_advantages_normalise_within_each_group():
@@ -95,8 +96,13 @@ def test_resumed_run_repeats_the_uninterrupted_one(rl_task, tmp_path, monkeypatc
     stop_at(monkeypatch, 1)  # in the first update of iteration 1: the loop saves after that iteration and stops
     assert cli.main(["train", str(tmp_path / "resumed.json")]) == 143
     assert sorted(logged(tmp_path / "resumed")) == [1]
+    stopped = read_status(tmp_path / "resumed")  # status.json of an RL run: the iteration it stopped after
+    assert (stopped["state"], stopped["stop_reason"], stopped["step"], stopped["total_steps"]) == (
+        "stopped", "signal SIGTERM", 1, 3)  # fmt: skip
     summary = run(load_config(cfg(tmp_path / "resumed", 3)))
     assert summary["stop_reason"] == "completed" and "eval_reward_before" not in summary  # it resumed rather than starting over
     straight, resumed = logged(tmp_path / "straight"), logged(tmp_path / "resumed")
     assert sorted(resumed) == [1, 2, 3]
+    done = read_status(tmp_path / "resumed")
+    assert (done["state"], done["step"], done["total_steps"]) == ("finished", 3, 3)
     assert resumed == straight

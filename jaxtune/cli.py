@@ -1,4 +1,4 @@
-"""The `jaxtune` command: train | export | generate | chat | data inspect | data prepare | plot | estimate.
+"""The `jaxtune` command: train | export | generate | chat | data inspect | data prepare | plot | estimate | board.
 
 Each command names its implementation as a ``"module:function"`` string (`TARGETS`) imported only when the
 command runs, so ``jaxtune --help`` answers at once and never imports JAX. Errors meant for users — every
@@ -32,6 +32,7 @@ TARGETS = {
     "data prepare": "jaxtune.data.prepare_cmd:main",  # main(cfg, data kind of the stage)
     "plot": "jaxtune.train.plot:main",  # main(run_dir, out=None)
     "estimate": "jaxtune.estimate:main",  # main(cfg)
+    "board": "jaxtune.board.server:main",  # main(args)
 }
 # take CONFIG [overrides...] and get a RunConfig
 CONFIG_COMMANDS = ("train", "data inspect", "data prepare", "estimate")
@@ -54,6 +55,16 @@ exit status:
        signal killed. A checkpoint of the last step was saved: rerun the same command to resume (training.resume
        = auto). A wrapper that restarts failed runs restarts it (launch/tpu.sh --restarts does on 143; a
        Kubernetes Job with restartPolicy OnFailure; SLURM marks it FAILED, not COMPLETED).
+"""
+
+
+BOARD_EPILOG = """\
+needs the board extra: pip install -e ".[board]"
+examples:
+  jaxtune board                                  # http://localhost:7860/, this machine only
+  jaxtune board --host 0.0.0.0 --port 8080       # reachable from others: prints a URL with a token
+Runs started from the page are `jaxtune train` processes of their own: closing the page or stopping the board
+leaves them running; Stop sends SIGTERM (they checkpoint and exit 143), Resume reruns the same command.
 """
 
 
@@ -160,6 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="image path (default: inside RUN_DIR)")
 
     _add_config_args(command("estimate", "estimate parameter, optimiser and activation memory for a config"))
+
+    p = command("board", "serve a local web page to configure, launch, watch and compare runs, and chat")
+    p.epilog = BOARD_EPILOG
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--runs", default="runs", metavar="DIR", help="directory of run directories (default: runs)")
+    p.add_argument(
+        "--token", metavar="TOKEN",
+        help="every request must carry it (?token=, cookie, or Authorization: Bearer); a non-local --host "
+        "without one gets a random token, printed with the URL",
+    )  # fmt: skip
+    p.add_argument("--config", metavar="CONFIG", help="YAML config the form starts from (default: configs/demo.yaml)")
     return parser
 
 
@@ -215,6 +238,8 @@ def _run(args: argparse.Namespace, command: str) -> Any:
         return _target(command)(cfg)
     if command == "plot":
         return _target(command)(args.run_dir, out=args.out)
+    if command == "board":
+        return _target(command)(args)
     if command in ("generate", "chat"):
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)}
         given = {k: tuple(v) if k == "stop" else v for k, v in given.items() if v is not None}

@@ -304,6 +304,9 @@ class Launcher:
         """Run the run's command again (board.json's; for a run started from the CLI, `jaxtune train
         <output_dir>/config.yaml`): jaxtune resumes from the latest checkpoint by itself. -> the pid."""
         run_dir = Path(output_dir).absolute()
+        status = read_status(run_dir)
+        if status and status["state"] != "running" and self.live_pid(run_dir) is not None:
+            self.wait(run_dir, timeout=EXIT_WAIT)  # it has saved its checkpoint and is exiting: let it
         self._refuse_live(run_dir)
         board = read_json(run_dir / BOARD_FILE)
         if board and isinstance(board.get("cmd"), list) and board["cmd"]:
@@ -362,6 +365,9 @@ class Launcher:
     def log_tail(output_dir, n_bytes: int = 20000) -> str:
         """The end of the run's board.log (or train.log): the module's `log_tail`."""
         return log_tail(output_dir, n_bytes)
+
+
+EXIT_WAIT = 60.0  # seconds `resume` waits for a run that wrote its final status to exit
 
 
 def exit_code(status: dict | None) -> int:

@@ -23,7 +23,7 @@ from jaxtune.errors import MissingError, RunError
 _GREEN, _DIM, _RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
 
 
-def _examples(kind: str, item) -> list[tuple[str, object]]:
+def examples(kind: str, item) -> list[tuple[str, object]]:
     """(label, Example) pairs to show for one item."""
     if kind == "lm":
         return [("", item)]
@@ -34,16 +34,21 @@ def _examples(kind: str, item) -> list[tuple[str, object]]:
     return [(f"answer={item[1]!r}", None)]
 
 
-def highlight(ids, weights, tokenizer, color: bool = True) -> str:
-    """Decode `ids`, trained runs in green (or [[...]] without colour), the rest dim."""
+def spans(ids, weights, tokenizer) -> list[tuple[str, bool]]:
+    """The decoded text of `ids` as runs of (text, trained): what `highlight` colours (and the board shows)."""
     trained = np.asarray(weights) > 0
     bounds = [0] + [j for j in range(1, len(ids)) if trained[j] != trained[j - 1]] + [len(ids)]
+    return [(text, bool(trained[i])) for i, text in zip(bounds[:-1], _span_texts(ids, bounds, tokenizer))]
+
+
+def highlight(ids, weights, tokenizer, color: bool = True) -> str:
+    """Decode `ids`, trained runs in green (or [[...]] without colour), the rest dim."""
     out = []
-    for i, text in zip(bounds[:-1], _span_texts(ids, bounds, tokenizer)):
+    for text, trained in spans(ids, weights, tokenizer):
         if color:
-            out.append((_GREEN if trained[i] else _DIM) + text + _RESET)
+            out.append((_GREEN if trained else _DIM) + text + _RESET)
         else:
-            out.append(f"[[{text}]]" if trained[i] else text)
+            out.append(f"[[{text}]]" if trained else text)
     return "".join(out)
 
 
@@ -115,7 +120,7 @@ def run(
     print(f"steps per epoch at batch size {batch_size}: {steps}", file=out)
     for n, item in enumerate(items[:num_samples]):
         print(f"\n-- sample {n} --", file=out)
-        for label, ex in _examples(collate, item):
+        for label, ex in examples(collate, item):
             if label:
                 print(f"[{label}]", file=out)
             if ex is None:  # prompts: nothing trained

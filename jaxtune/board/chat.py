@@ -24,6 +24,7 @@ from contextlib import closing
 from dataclasses import dataclass
 
 from jaxtune import generate_cli
+from jaxtune.board.checks import count_text
 from jaxtune.errors import JaxtuneError
 from jaxtune.generate_cli import GenerateError, Loaded
 
@@ -36,12 +37,6 @@ class _Current:
     template: str | None
     description: str
 
-
-def _count(n: int) -> str:
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return str(n)
 
 
 def _template_name(tokenizer, template: str | None) -> str:
@@ -66,7 +61,7 @@ def describe(model_dir: str, adapter_dir: str | None, loaded: Loaded, template: 
 
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(loaded.variables))
     what = f"{model_dir} + adapter {adapter_dir}" if adapter_dir else model_dir
-    return f"{what}: {loaded.arch.model_type}, {_count(params)} params, chat template: {template}"
+    return f"{what}: {loaded.arch.model_type}, {count_text(params)} params, chat template: {template}"
 
 
 class ChatModel:

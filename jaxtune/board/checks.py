@@ -29,13 +29,21 @@ def model_info(path: str, tokenizer: str | None = None) -> str:
     tok = tokenizer_of(ModelConfig(path=path, tokenizer=tokenizer or None), command="the board")
     template = getattr(tok, "chat_template", None)
     lines = [
-        f"**{html.escape(str(path))}**: `{arch.model_type}`, {arch.num_params() / 1e6:,.1f} M parameters, "
+        f"**{html.escape(str(path))}**: `{arch.model_type}`, {count_text(arch.num_params())} parameters, "
         f"{arch.num_layers} layers, hidden {arch.hidden_size}, vocabulary {arch.vocab_size:,}",
         f"tokenizer: {type(tok).__name__} ({len(tok):,} tokens)",
         "chat template: " + ("found (the tokenizer's own)" if template else
                              "**none**: set data.template to a template name or Jinja text for chat data"),
     ]  # fmt: skip
     return "  \n".join(lines)
+
+
+def count_text(n: int) -> str:
+    """1234567 -> "1.2 M" (B, M, k)."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return str(n)
 
 
 def dataset_names(dataset_dir: str) -> list[str]:

@@ -95,6 +95,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "export": ("Export", "导出"),
     "export_out": ("Export result", "导出结果"),
     # chat
+    "chat_exports": ("Exports of the runs", "运行的导出结果"),
     "chat_model": ("Model or run directory", "模型或运行目录"),
     "chat_adapter": ("PEFT adapter (optional)", "PEFT adapter（可选）"),
     "chat_template": ("Chat template (empty: the tokenizer's)", "对话模板（留空则用分词器自带）"),

@@ -136,6 +136,13 @@ def main(args) -> int:
     token = args.token
     if not is_local(args.host) and not token:
         token = secrets.token_urlsafe(18)
+    try:  # before gradio builds the page: a busy port is one line, not uvicorn's exit
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((args.host, args.port))
+    except OSError as e:
+        raise RunError(f"jaxtune board: cannot listen on {args.host}:{args.port} ({e.strerror}); pass another "
+                       "--port, or --host of this machine") from None  # fmt: skip
     app = make_app(args.runs, token=token, base=args.config)
     server = Server(app, args.host, args.port)
     shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host

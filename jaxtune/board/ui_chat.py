@@ -4,6 +4,8 @@ Unload, frees the first. Sampling fields are `generation.*` config fields, check
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from jaxtune.board import checks
@@ -29,6 +31,8 @@ def generation(values: dict[str, str]):
 def build(board, labels) -> None:
     lang = "en"
     with gr.Row():
+        found = labels(gr.Dropdown(exports(board.runs), value=None, label=text("chat_exports", lang),
+                                   elem_id="chat-exports", scale=2), "chat_exports")  # fmt: skip
         model_dir = labels(gr.Textbox("", label=text("chat_model", lang), elem_id="chat-model", scale=3), "chat_model")
         adapter_dir = labels(gr.Textbox("", label=text("chat_adapter", lang), elem_id="chat-adapter", scale=2),
                              "chat_adapter")  # fmt: skip
@@ -72,6 +76,24 @@ def build(board, labels) -> None:
         board.chat.unload()
         return text("no_model", "en")
 
+    def on_pick(path):
+        """A run's export: a full model directory, or the base model plus an adapter directory."""
+        if not path:
+            return gr.update(), gr.update()
+        config = Path(path) / "adapter_config.json"
+        if config.is_file():  # the base model it names (a directory here), else the run (its checkpoint)
+            import json
+
+            try:
+                base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
+            except (OSError, ValueError, AttributeError):
+                base = ""
+            if base and (Path(base) / "config.json").is_file():
+                return base, path
+            return str(Path(path).parent), ""
+        return path, ""
+
+    found.change(on_pick, [found], [model_dir, adapter_dir])
     load_btn.click(on_load, [model_dir, adapter_dir, template], [loaded, *errors.values()])
     unload_btn.click(on_unload, [], [loaded])
 
@@ -98,6 +120,14 @@ def build(board, labels) -> None:
     clear.click(lambda: [], [], [bot])
     board.page_load.append((lambda: f"loaded: {board.chat.loaded}" if board.chat.loaded else text("no_model", "en"),
                             [], [loaded]))  # fmt: skip
+    board.page_load.append((lambda: gr.update(choices=exports(board.runs)), [], [found]))
+
+
+def exports(runs_root: str) -> list[str]:
+    """The exports of the runs under `runs_root` (hf/, adapter/, merged/ ...), newest run first."""
+    from jaxtune.board import runs
+
+    return [str(Path(r.path) / name) for r in runs.scan(runs_root) for name in r.exports]
 
 
 def _pairs(history: list[dict]) -> list[tuple[str, str]]:

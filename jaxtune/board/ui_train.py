@@ -113,9 +113,9 @@ def build(board, labels, base: str | None) -> None:
     status_out = gr.Markdown("", elem_id="run-status")
     with gr.Row():
         loss_plot = labels(gr.LinePlot(plots.empty(), x="step", y="value", color="series", label=text("loss_curve", lang),
-                                       elem_id="loss-plot", height=260), "loss_curve")  # fmt: skip
+                                       elem_id="loss-plot", height=320), "loss_curve")  # fmt: skip
         eval_plot = labels(gr.LinePlot(plots.empty(), x="step", y="value", color="series", label=text("eval_curve", lang),
-                                       elem_id="eval-plot", height=260), "eval_curve")  # fmt: skip
+                                       elem_id="eval-plot", height=320), "eval_curve")  # fmt: skip
     log_out = labels(gr.Textbox("", label=text("log", lang), lines=12, max_lines=LOG_LINES, elem_id="log",
                                 autoscroll=True, interactive=False), "log")  # fmt: skip
 

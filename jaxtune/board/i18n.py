@@ -48,7 +48,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "watch_run": ("Run directory", "运行目录"),
     "log": ("Log", "日志"),
     "loss_curve": ("Loss", "损失曲线"),
-    "eval_curve": ("Eval", "评估曲线"),
+    "eval_curve": ("Eval and reward", "评估与奖励曲线"),
     "status": ("Status", "状态"),
     # fields
     "model.path": ("Model directory (Hugging Face)", "模型目录（Hugging Face 格式）"),

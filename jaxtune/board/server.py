@@ -133,6 +133,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def main(args) -> int:
     """`jaxtune board [--host H] [--port P] [--runs DIR] [--token T] [--config BASE]`."""
+    if args.config:  # a base config that does not load is the same error as for `jaxtune train`
+        from jaxtune.config import load_config
+
+        load_config(args.config)
     token = args.token
     if not is_local(args.host) and not token:
         token = secrets.token_urlsafe(18)

@@ -56,10 +56,12 @@ def _error_box(key: str):
 def build(board, labels, base: str | None) -> None:
     """The tab's components and events, inside the caller's `gr.Tab`."""
     lang = "en"
+    base_problem = ""
     try:
         _, base_cfg = form.base_mapping(base)
-    except Exception:  # a base config that does not load: start from the defaults, say why on Load
-        base, base_cfg = None, form.load_config(None)
+    except Exception as e:  # a base config that does not load: start from the defaults, and say why
+        base_problem = checks.error_text(e)
+        base_cfg = form.load_config(None)
     values = form.values_of(base_cfg)
     widgets = dict(form.FIELDS)
     fields: dict[str, Any] = {}
@@ -68,7 +70,8 @@ def build(board, labels, base: str | None) -> None:
         base_box = labels(gr.Textbox(base or "", label=text("base_config", lang), elem_id="base-config",
                                      scale=4), "base_config")  # fmt: skip
         load_btn = labels(gr.Button(text("load_base", lang), elem_id="load-base", scale=1), "load_base", "value")
-    base_error = _error_box("base")
+    base_error = gr.Markdown(base_problem, visible=bool(base_problem), elem_id=elem("base") + "-error",
+                             elem_classes=["jt-error"])  # fmt: skip
     for section, keys in SECTIONS.items():
         with gr.Accordion(text(section, lang), open=True) as acc:
             labels(acc, section)
@@ -180,11 +183,16 @@ def build(board, labels, base: str | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml_text, encoding="utf-8")
         out_dir = checked.cfg.output_dir
+        saved = sorted(int(p.name) for p in (Path(board.cwd) / out_dir / "checkpoints").glob("*") if p.name.isdigit())
         try:
             pid = board.launcher.start(str(path), out_dir, cwd=board.cwd)
         except Exception as e:
             return [yaml_text, command, f"<span class='jt-error'>{checks.error_text(e)}</span>", gr.update(), *errs]
-        return [yaml_text, command, f"started `jaxtune train {path}` (pid {pid}) in `{out_dir}`", out_dir, *errs]
+        note = f"started `jaxtune train {path}` (pid {pid}) in `{out_dir}`"
+        if saved and checked.cfg.training.resume != "never":  # training.resume=auto goes on from there
+            note += (f"; it continues the run there from checkpoint {saved[-1]} (for a fresh run, change the output "
+                     "directory)")  # fmt: skip
+        return [yaml_text, command, note, out_dir, *errs]
 
     cfg_inputs = [*inputs, config_path]
     validate_btn.click(on_validate, cfg_inputs, [yaml_out, command_out, *error_outputs])

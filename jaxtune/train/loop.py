@@ -41,6 +41,7 @@ def run(cfg) -> dict:
 
             return status.end(rl_loop.train(status.built(build_run(cfg))))
         return status.end(train(status.built(build_run(cfg))))
+    return status.summary  # SIGTERM during setup / compilation / export: stopped, resumable
 
 
 def train(run: Run) -> dict:

@@ -71,6 +71,7 @@ def run(cfg) -> dict:
     """Train stage ppo / grpo as `cfg` says (`build_run` + `train`), recorded in status.json (train/status.py)."""
     with RunStatus(cfg) as status:
         return status.end(train(status.built(build_run(cfg))))
+    return status.summary  # SIGTERM outside the iterations: stopped, resumable
 
 
 def train(run: Run) -> dict:

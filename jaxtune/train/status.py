@@ -13,14 +13,17 @@ Process 0 writes it, each time whole (a temporary file, then `os.replace`: a rea
 is built (its start step, the resumed checkpoint's, and its total), and the end state when the loop returns
 (`RunStatus.end`) or raises (`RunStatus.__exit__`: any exception, KeyboardInterrupt and NonFiniteLoss included,
 writes "failed" and propagates). `read_status` reads a "running" status whose process is gone (kill -9, the OOM
-killer, a signal before the loop installed its handlers) as "died".
+killer) as "died"; a SIGTERM outside the loop's own handling (set-up, compilation, export) is "stopped".
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,6 +112,16 @@ def _error_fields(e: BaseException) -> dict:
     return {"error": error, "error_type": type(e).__name__, "user_error": user}
 
 
+class Preempted(BaseException):
+    """SIGTERM outside the training loop's own handling (`lifecycle.Signals`): while the run is set up, loads
+    weights and data or compiles, or after the loop (generation eval, export). A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` on the way swallows it."""
+
+
+def _preempted(signum, frame):
+    raise Preempted(signal.Signals(signum).name)
+
+
 class RunStatus:
     """Around building and training one run (loop.run, rl_loop.run):
 
@@ -116,15 +129,22 @@ class RunStatus:
             run = status.built(build_run(cfg))      # "running" again, with the start step and total_steps
             return status.end(train(run))           # "finished" / "stopped" from the summary's stop_reason
 
-    Any exception leaving the block writes "failed" (with the error's first line) and propagates. Only the
+    Any exception leaving the block writes "failed" (with the error's first line) and propagates; a SIGTERM
+    outside the loop's own handling (`Preempted`) writes "stopped" and leaves the block, `summary` set. Only the
     process that wrote "running" (process 0, in `setup.start_run`) writes: one that failed before the run
     directory was set up (a config the mesh refuses) leaves an older status as it was."""
 
     def __init__(self, cfg):
         self.run_dir = Path(cfg.output_dir)
         self.status: dict | None = None  # what this process wrote; None: not process 0, or not started
+        self.summary: dict | None = None  # set when a SIGTERM outside the loop stopped the run (see __exit__)
+        self._previous = None
 
     def __enter__(self) -> RunStatus:
+        # SIGTERM before the loop takes it over (or after it) stops the run as the loop's handler would: status
+        # "stopped", `jaxtune train` exits 143, rerunning resumes; instead of dying with no status (-15)
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, _preempted)
         return self
 
     def _ours(self) -> dict | None:
@@ -155,6 +175,17 @@ class RunStatus:
         self._end(state, stop_reason=reason, step=step)
         return summary
 
-    def __exit__(self, kind, error, tb) -> None:
+    def __exit__(self, kind, error, tb) -> bool:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        if isinstance(error, Preempted):
+            reason = f"signal {error.args[0] if error.args else 'SIGTERM'}"
+            step = (self.status or {}).get("step")
+            self._end("stopped", stop_reason=reason, step=step)
+            self.summary = {"run_dir": str(self.run_dir), "stop_reason": reason, "step": step}
+            print(f"jaxtune: stopped by {reason.removeprefix('signal ')} outside the training steps; nothing "
+                  "since the last checkpoint was lost. Rerun the same command to resume.", file=sys.stderr)
+            return True  # the caller returns `summary`: `jaxtune train` exits 128 + the signal's number
         if error is not None and not (self.status or {}).get("ended"):
             self._end("failed", stop_reason=None, **_error_fields(error))
+        return False

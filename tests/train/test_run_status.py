@@ -78,6 +78,30 @@ def test_finished_then_stopped_by_sigterm_then_resumed_to_finished(tmp_path, mon
     assert (done["step"], done["total_steps"]) == (3, 3)
 
 
+def test_sigterm_while_the_run_is_built_stops_it_resumably(tmp_path, monkeypatch, capsys):
+    """A SIGTERM before the loop installs its handler (weights, data, compilation: minutes on a big model) is
+    a stop like one between steps: status "stopped", exit 143, one line, and the rerun trains from the start."""
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(tiny(tmp_path, max_steps=2, export_hf=False)))
+    build = loop.build_run
+
+    def building(cfg):
+        monkeypatch.setattr(loop, "build_run", build)
+        run = build(cfg)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` arrives while the run is set up
+        return run
+
+    monkeypatch.setattr(loop, "build_run", building)
+    assert cli.main(["train", str(path)]) == 143
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is not left behind
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM outside the training steps" in err and "Traceback" not in err
+    status = read_status(tmp_path / "run")
+    assert status["state"] == "stopped" and status["stop_reason"] == "signal SIGTERM" and "error" not in status
+    assert cli.main(["train", str(path)]) == 0
+    assert read_status(tmp_path / "run")["state"] == "finished"
+
+
 def test_a_bad_data_file_after_setup_writes_failed_and_the_error_still_reaches_the_cli(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "a", "output": "b"}, {"oops": 1}')  # not JSON: cut short

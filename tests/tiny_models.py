@@ -118,6 +118,18 @@ def perturb(model):
     return model
 
 
+def acting_adapters(model, method, rng: int = 1):
+    """`jaxtune.peft.init(model, method)` with LoRA's B moved off zero: a fresh LoRA is an identity adapter, so a
+    code path that skipped it would still match; this one changes the logits."""
+    import jax
+
+    import jaxtune
+
+    adapters = jaxtune.peft.init(model, method, rng=rng)
+    noise = lambda p, x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape) if p[-1].key == "lora_b" else x
+    return adapters.replace(variables=jax.tree_util.tree_map_with_path(noise, adapters.variables))
+
+
 def build_hf(family: str, seed: int = 0, **overrides):
     """A perturbed random transformers model (eval mode, fp32) for one family."""
     import torch

@@ -9,9 +9,8 @@ import weakref
 
 import jax
 import pytest
-from tiny_models import save_hf
 
-from jaxtune import demo, generate_cli
+from jaxtune import generate_cli
 from jaxtune.board.chat import ChatModel
 from jaxtune.config import GenerationConfig
 from jaxtune.errors import JaxtuneError
@@ -21,15 +20,6 @@ from jaxtune.generate_cli import GenerateError
 NEW = 8
 GREEDY = GenerationConfig(max_new_tokens=NEW, temperature=0.0)
 PROMPT = "Reverse the word.\nabcde"
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory):
-    """A tiny Llama with the demo's character tokenizer and chat template saved beside it."""
-    directory = tmp_path_factory.mktemp("board_chat_model")
-    save_hf("llama", directory)
-    demo.char_tokenizer().save_pretrained(directory)
-    return directory
 
 
 def printed(directory, prompt: str, gen: GenerationConfig, system=None) -> str:

@@ -23,22 +23,14 @@ from jaxtune.models import hf
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "llamafactory"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("board_check_model")
-    save_hf("llama", directory)
-    demo.char_tokenizer().save_pretrained(directory)
-    return directory
-
-
-def test_model_info_reports_what_transformers_counts(model_dir):
-    info = checks.model_info(str(model_dir))
+def test_model_info_reports_what_transformers_counts(chat_dir):
+    info = checks.model_info(str(chat_dir))
     n = build_hf("llama").num_parameters()
     assert "`llama`" in info and f"{checks.count_text(n)} parameters" in info
     assert f"({len(demo.char_tokenizer()):,} tokens)" in info and "chat template: found" in info
 
 
-def test_model_info_without_chat_template_says_what_to_set(model_dir, tmp_path):
+def test_model_info_without_chat_template_says_what_to_set(tmp_path):
     save_hf("llama", tmp_path)
     tok = demo.char_tokenizer()
     tok.chat_template = None

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from tiny_models import VOCAB, save_hf
+from tiny_models import VOCAB, acting_adapters, save_hf
 
 import jaxtune
 from jaxtune.generate import generate, left_pad, sample, stop_array
@@ -73,11 +73,7 @@ def test_greedy_with_peft_equals_recompute(tiny_llama, method):
     """Prefixes enter the cache as its first slots, virtual tokens through the prefill, LoRA in every step."""
     _, directory = tiny_llama
     model = jaxtune.load_model(directory)
-    adapters = jaxtune.peft.init(model, method, rng=1)
-    # LoRA's B starts at zero (an identity adapter): make it act, so a step that skipped it would differ
-    adapters = adapters.replace(variables=jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape) if p[-1].key == "lora_b" else x,
-        adapters.variables))  # fmt: skip
+    adapters = acting_adapters(model, method)  # LoRA's B off zero: a step that skipped it would differ
     arch = model.arch.replace(peft=adapters.spec)
     variables = {"params": model.params, **adapters.variables}
     cached, recomputed = both(arch, variables)

@@ -42,8 +42,8 @@ def jsonl_keys(run_dir: Path) -> list[tuple[str, int]]:
     return [(r["split"], r["step"]) for r in rows]
 
 
-def stop_at(monkeypatch, n: int, sig=signal.SIGTERM) -> None:
-    """The next run `jaxtune train` builds gets `sig` from inside its n-th step call (as a preemption would)."""
+def in_step(monkeypatch, n: int, action) -> None:
+    """The next run `loop.run` builds calls `action(run)` inside its n-th train-step call."""
     build = loop.build_run
 
     def building(cfg):
@@ -53,7 +53,7 @@ def stop_at(monkeypatch, n: int, sig=signal.SIGTERM) -> None:
         def stepping(state, frozen, batch):
             calls.append(1)
             if len(calls) == n:
-                os.kill(os.getpid(), sig)
+                action(run)
             return step_fn(state, frozen, batch)
 
         run.train_step = stepping
@@ -61,6 +61,11 @@ def stop_at(monkeypatch, n: int, sig=signal.SIGTERM) -> None:
         return run
 
     monkeypatch.setattr(loop, "build_run", building)
+
+
+def stop_at(monkeypatch, n: int, sig=signal.SIGTERM) -> None:
+    """The next run `jaxtune train` builds gets `sig` from inside its n-th step call (as a preemption would)."""
+    in_step(monkeypatch, n, lambda run: os.kill(os.getpid(), sig))
 
 
 def largest_array_file(step_dir: Path) -> Path:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 from train.test_loop import tiny
+from train.test_resume import in_step
 
 from jaxtune import cli
 from jaxtune.config import load_config
@@ -24,27 +25,6 @@ from jaxtune.train.status import RunStatus, begin, is_alive, read_status, write_
 
 def raw_status(run_dir):
     return json.loads((run_dir / "status.json").read_text())
-
-
-def in_step(monkeypatch, n: int, action):
-    """The next run `loop.run` builds calls `action(run)` inside its n-th train-step call."""
-    build = loop.build_run
-
-    def building(cfg):
-        run = build(cfg)
-        step_fn, calls = run.train_step, []
-
-        def stepping(state, frozen, batch):
-            calls.append(1)
-            if len(calls) == n:
-                action(run)
-            return step_fn(state, frozen, batch)
-
-        run.train_step = stepping
-        monkeypatch.setattr(loop, "build_run", build)
-        return run
-
-    monkeypatch.setattr(loop, "build_run", building)
 
 
 def test_finished_then_stopped_by_sigterm_then_resumed_to_finished(tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,20 +99,15 @@ def preview_html(cfg, max_samples: int = 16) -> str:
 def estimate_text(config_path: str, cwd: str | None = None, timeout: float = 600) -> tuple[bool, str]:
     """`jaxtune estimate CONFIG` run as the CLI runs it (its own process: no JAX state in the board's); returns
     (succeeded, what it printed)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_source_root(), env.get("PYTHONPATH")) if p)
+    from jaxtune.board.runs import child_env  # this checkout first on PYTHONPATH, as for training runs
+
     try:
         done = subprocess.run([sys.executable, "-m", "jaxtune", "estimate", config_path], capture_output=True,
-                              text=True, cwd=cwd, env=env, timeout=timeout)  # fmt: skip
+                              text=True, cwd=cwd, env=child_env(), timeout=timeout)  # fmt: skip
     except subprocess.TimeoutExpired:
         return False, f"jaxtune estimate {config_path} took more than {timeout:.0f} s"
     text = done.stdout if done.returncode == 0 else (done.stderr.strip().splitlines() or ["(no output)"])[-1]
     return done.returncode == 0, text.strip()
-
-
-def _source_root() -> str:
-    """The directory holding this jaxtune package (a checkout that is not installed still runs)."""
-    return str(Path(__file__).resolve().parents[2])
 
 
 def error_text(e: BaseException) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import shlex
 import tempfile
 import typing
@@ -136,8 +137,10 @@ def base_mapping(base: str | None) -> tuple[dict, RunConfig]:
     return (dict(data) if isinstance(data, dict) else {}), cfg
 
 
-def parse(text: Any, widget: str) -> Any:
-    """A widget's value as the config value it stands for: YAML for text ("" is null), as an override reads."""
+def parse(text: Any, widget: str, key: str | None = None) -> Any:
+    """A widget's value as the config value it stands for: YAML for text ("" is null), as an override reads.
+    For a string field (`key`'s annotation), a text YAML would read as a number or a boolean stays the text
+    typed: output_dir 007 is "007", not "7"."""
     if widget in ("bool", "choice"):
         return text
     if widget == "list":
@@ -147,7 +150,15 @@ def parse(text: Any, widget: str) -> Any:
     if not text:
         return None
     [(_, value, _)] = typed_yaml.parse_overrides([f"x={text}"])
+    if key is not None and isinstance(value, (bool, int, float)) and _is_text(annotation(key)):
+        return text
     return value
+
+
+def _is_text(tp: Any) -> bool:
+    """str, or str | None: no number or boolean would fit."""
+    args = set(typing.get_args(tp)) - {type(None)} if typing.get_args(tp) else {tp}
+    return args == {str}
 
 
 def _set(mapping: dict, key: str, value: Any) -> None:
@@ -169,7 +180,7 @@ def compose(base: str | None, values: dict[str, Any], extra: str = "") -> dict:
     widgets = dict(FIELDS)
     for key, value in values.items():
         if key in widgets and value != shown[key]:
-            _set(mapping, key, parse(value, widgets[key]))
+            _set(mapping, key, parse(value, widgets[key], key))
     for path, value, _ in typed_yaml.parse_overrides(overrides_of(extra)):
         _set(mapping, ".".join(path), value)
     return mapping
@@ -192,8 +203,6 @@ class Checked:
 
 def field_of(message: str) -> str:
     """The form field a config error is about: the dotted key it starts with (or names first)."""
-    import re
-
     keys = re.findall(r"(?<![\w.])((?:[a-z_]+\.)*[a-z_]+)(?:\[\d+\])?", message)
     for k in keys[:1] + keys:
         for field in sorted(KEYS, key=len, reverse=True):

@@ -23,18 +23,18 @@ def frame(series: dict[str, list[tuple[int, float]]]) -> pd.DataFrame | None:
     return pd.DataFrame(rows, columns=COLUMNS) if rows else empty()
 
 
-def _named(run_dir: str, points: dict) -> list:
-    """The points of `run_dir` in a `runs.curves` answer (keyed by the run's name)."""
-    return next(iter(points.values()), []) if points else []
+def _points(run_dir: str, key: str, split: str) -> list:
+    """The (step, value) points of one run's `key` in its `split` records."""
+    return next(iter(runs.curves([run_dir], key, split).values()), [])
 
 
 def watch(launcher, run_dir: str) -> tuple[str, pd.DataFrame | None, pd.DataFrame | None]:
     """(status Markdown, train curves, eval curves) of one run, re-read from its directory."""
-    train = {"train loss": _named(run_dir, runs.curves([run_dir], "loss", "train"))}
+    train = {"train loss": _points(run_dir, "loss", "train")}
     evals = {}
     for split, key in runs.metric_names([run_dir]):
         if split != "train" and key in ("loss", "reward", "accuracy") or (split == "train" and "reward" in key):
-            evals[f"{split} {key}"] = _named(run_dir, runs.curves([run_dir], key, split))
+            evals[f"{split} {key}"] = _points(run_dir, key, split)
     return status_text(launcher, run_dir), frame(train), frame(evals)
 
 

@@ -143,8 +143,9 @@ def build(board, labels, base: str | None) -> None:
             base_path, mapping = compose(base_text, *rest[:-1])
         except Exception as e:  # the base file itself, or a malformed override line
             message = checks.error_text(e)
-            key = "" if "override" in message else None
-            return None, "", "", shown_errors({"": message} if key == "" else {}, "" if key == "" else message)
+            if "override" in message:  # a line of the free box: the general error box
+                return None, "", "", shown_errors({"": message})
+            return None, "", "", shown_errors({}, message)  # the base file: beside the base config field
         yaml_text = form.yaml_text(mapping)
         checked = form.validate(yaml_text, path)
         command = form.train_command(base_path, mapping, path) if checked.cfg else ""

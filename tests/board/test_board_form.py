@@ -96,3 +96,13 @@ def test_field_visibility_follows_stage_and_method():
     assert form.visible("dpo.beta", "dpo", "lora") and form.visible("training.learning_rate", "ppo", "full")
     assert set(form.choices("method.name")) >= {"lora", "qlora", "full", "prefix"}
     assert form.choices("stage") == ["pt", "sft", "rm", "dpo", "kto", "ppo", "grpo"]
+
+
+def test_text_fields_keep_what_was_typed():
+    """A string field's text is never read as a number (YAML would make output_dir 007 the string "7")."""
+    _, cfg = form.base_mapping(DEMO)
+    values = {**form.values_of(cfg), "output_dir": "runs/007", "data.template": "007", "model.tokenizer": "true"}
+    loaded = form.validate(form.yaml_text(form.compose(DEMO, values)), "x.yaml").cfg
+    assert (loaded.output_dir, loaded.data.template, loaded.model.tokenizer) == ("runs/007", "007", "true")
+    checked = form.validate(form.yaml_text(form.compose(DEMO, {**values, "training.batch_size": "007"})), "x.yaml")
+    assert checked.cfg.training.batch_size == 7  # a number field reads numbers as before

@@ -39,8 +39,9 @@ MARKER = re.compile(r"<!--\s*docs-test:\s*(?P<verb>\S+)(?P<args>.*?)-->\s*$")
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
 RUNNABLE = ("bash", "python")
 INLINE = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)")
-# a dotted key: not part of a longer dotted name (jaxtune.peft.prepare) or a path (runs/x/data.json)
-DOTTED = re.compile(r"(?<![\w./\-$])([a-z_]+)\.([A-Za-z_]\w*)(?![\w(\-])")
+# a dotted key: not part of a longer dotted name (jaxtune.peft.prepare), a path (runs/x/data.json), a call's
+# argument (f(model.config)) or a wildcard (parallel.dcn_*)
+DOTTED = re.compile(r"(?<![\w./\-$(])([a-z_]+)\.([A-Za-z_]\w*)(?![\w(\-*])")
 FILE_SUFFIXES = {"json", "jsonl", "yaml", "yml", "txt", "csv", "tsv", "parquet", "arrow", "py", "md", "png",
                  "log", "safetensors", "bin", "sh", "gz", "zip", "pt", "model", "index"}  # fmt: skip
 

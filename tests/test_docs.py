@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import docs_check
+import pytest
 from docs_check import DocsError, blocks, key_errors
 
 REPO = docs_check.REPO

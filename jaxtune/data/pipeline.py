@@ -175,6 +175,22 @@ def iterators(
     return Iterators(train_it, eval_it)
 
 
+def eval_records(data_cfg, seed: int = 0) -> list:
+    """The records the eval set is made of, as `build` selects them with the same `seed`: the `data.eval`
+    sources (with their format, columns and max_samples), or the `val_size` split held out of train; loaded
+    and cleaned, not templated. For evaluation by generation (`training.eval_generate`)."""
+    d = data_config(data_cfg.train, **{n: getattr(data_cfg, n) for n in FIELDS if n != "train"})
+    train_src, eval_src = _sources(d.train, d.dataset_dir, d.format), _sources(d.eval, d.dataset_dir, d.format)
+    val_size = 0 if eval_src else d.val_size
+    policy = ErrorPolicy(d.on_error)
+    if d.streaming and not eval_src:  # the first val_size records of the first source, as _stream_eval
+        picked = itertools.islice(iter_records(train_src[0], policy), int(val_size)) if val_size else ()
+        return [r for r in map(prepare.normalize, picked) if not prepare.is_empty(r)]
+    report = prepare.Report()
+    parts = _memory_plan(d, [] if eval_src else train_src, eval_src, policy, report, report, val_size, seed)
+    return [r for _, target, records in parts if target == "eval" for r in records]
+
+
 def _memory_plan(d, train_src, eval_src, policy, report, eval_report, val_size, seed) -> list:
     """Every source loaded and cleaned, split, in the order they are encoded: [(set name, "train" | "eval",
     records)], one train set per source and every eval part in the set "eval"."""

@@ -58,6 +58,9 @@ def train(run: Run) -> dict:
         acc, _ = generation_eval(run.lm.arch, variables, tokenizer, eval_records, cfg.data.template,
                                  n=t.eval_generate, max_new_tokens=cfg.generation.max_new_tokens,
                                  template_kwargs=cfg.data.template_kwargs)  # fmt: skip
+        if acc is None:
+            raise config_error(cfg.training, "eval_generate", "training.eval_generate: the eval data holds no "
+                               "conversation that ends in an assistant reply to compare answers with")  # fmt: skip
         summary["generate_accuracy_before"] = acc
         log.info("exact match before training: %.1f%%", 100 * (acc or 0.0))
 
@@ -151,11 +154,12 @@ def train(run: Run) -> dict:
 
 
 def _eval_records(cfg) -> list:
-    from jaxtune.data import load
+    from jaxtune.data.pipeline import eval_records
 
-    records = []
-    for src in cfg.data.eval:
-        records += load(src if isinstance(src, str) else (src.path or src.name), dataset_dir=cfg.data.dataset_dir)
+    records = eval_records(cfg.data, seed=cfg.seed)
+    if not records:
+        raise config_error(cfg.training, "eval_generate", f"training.eval_generate={cfg.training.eval_generate} "
+                           "needs eval data: give data.eval, or hold some of train out with data.val_size")  # fmt: skip
     return records
 
 

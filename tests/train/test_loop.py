@@ -154,3 +154,31 @@ def test_resume_policies(tmp_path):
     with pytest.raises(FileExistsError, match=r"resume=never but .*run/checkpoints already holds checkpoints \(latest: step 2\)"):
         run(load_config(tiny(tmp_path, max_steps=4, resume="never")))
     assert run(load_config(tiny(tmp_path, max_steps=2, resume="must")))["stop_reason"] == "completed"
+
+
+def test_eval_generate_answers_the_held_out_split(tmp_path):
+    """training.eval_generate with only data.val_size: the greedy answers come from the held-out rows (the ones
+    eval loss uses, with the data's own columns and max_samples), before and after; without any eval data it is
+    a config error before training, not a crash at the end that loses the export."""
+    from jaxtune import demo
+    from jaxtune.config import ConfigError
+    from jaxtune.data.pipeline import eval_records
+
+    rows = [{"q": s["instruction"] + " " + s["input"], "a": s["output"]} for s in demo.samples(60, seed=1)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    source = {"path": str(tmp_path / "d.json"), "format": "alpaca", "columns": {"prompt": "q", "response": "a"},
+              "max_samples": 50}  # fmt: skip
+    cfg = tiny(tmp_path, max_steps=2, eval_generate=3)
+    cfg["data"] = {**cfg["data"], "train": [source], "val_size": 6}
+    held_out = eval_records(load_config(cfg).data, seed=0)
+    assert len(held_out) == 6
+    summary = run(load_config(cfg))
+    assert summary["generate_accuracy_before"] is not None and summary["generate_accuracy_after"] is not None
+    prompts = {r.messages[-2].content for r in held_out}
+    assert [p for p, _, _ in summary["samples"]] and all(p in prompts for p, _, _ in summary["samples"])
+    assert Path(summary["export"], "config.json").exists()
+
+    cfg["data"] = {**cfg["data"], "val_size": 0.0}
+    cfg["output_dir"] = str(tmp_path / "no_eval")
+    with pytest.raises(ConfigError, match=r"training.eval_generate=3 needs eval data: give data.eval, or .*val_size"):
+        run(load_config(cfg))

@@ -197,8 +197,19 @@ deploy() {
   run git -C "$REPO" archive --format=tar.gz --prefix=jaxtune/run/ --add-file="$CONFIG" --prefix=jaxtune/ \
     -o "$tarball" "$ref"
   run "${GC[@]}" tpu-vm scp "$tarball" "$NAME":jaxtune.tar.gz --worker=all "${LOC[@]}"
+  # Replace only what the tarball ships (its top-level entries under ~/jaxtune): a relative output_dir (runs/...)
+  # of the previous attempt on this TPU stays, so a restart resumes from its checkpoints instead of step 0.
   # jax[tpu] pulls libtpu; the package's own dependency is plain (CPU) jax.
-  run "${GC[@]}" tpu-vm ssh "$NAME" --worker=all "${LOC[@]}" --command="rm -rf ~/jaxtune $LOG && tar -xzf ~/jaxtune.tar.gz -C ~ && cd ~/jaxtune && python3 -m pip install -q -e . \"jax[tpu]\""
+  local replace="mkdir -p ~/jaxtune && cd ~/jaxtune && tar -tzf ~/jaxtune.tar.gz | cut -d/ -f2 | sort -u | grep -v '^$' | xargs -r rm -rf --"
+  run "${GC[@]}" tpu-vm ssh "$NAME" --worker=all "${LOC[@]}" --command="rm -f $LOG && $replace && tar -xzf ~/jaxtune.tar.gz -C ~ && python3 -m pip install -q -e . \"jax[tpu]\""
+}
+
+# The run's output_dir: the last output_dir= override, else the config's top-level key, else jaxtune's default.
+output_dir() {
+  local arg dir=""
+  dir=$(sed -n -E "s/^output_dir:[[:space:]]*['\"]?([^'\"#]*[^'\"#[:space:]])['\"]?[[:space:]]*(#.*)?$/\1/p" "$CONFIG" | tail -n 1)
+  for arg in ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}; do [[ $arg == output_dir=* ]] && dir=${arg#output_dir=}; done
+  printf '%s' "${dir:-runs/default}"
 }
 
 # --- run --------------------------------------------------------------------------------------------------
@@ -240,6 +251,13 @@ trap cleanup EXIT
 
 if ((DRY_RUN)); then
   echo "# $PROG dry run: TPU $NAME ($ACCEL, $VERSION) in $ZONE, config $CONFIG"
+fi
+OUT_DIR=$(output_dir)
+if [[ $OUT_DIR != /* ]]; then
+  echo "$PROG: warning: output_dir '$OUT_DIR' is relative: it lives on each worker's own disk (~/jaxtune/$OUT_DIR)." \
+    "A rerun on this TPU resumes from it, but a preempted TPU is recreated without it (training starts again at" \
+    "step 0) and a multi-host run's checkpoints are split across the workers' disks: give output_dir on storage" \
+    "every worker mounts (-- output_dir=/mnt/gcs/run1, a gcsfuse bucket, or NFS / Filestore)." >&2
 fi
 attempt=0
 while :; do

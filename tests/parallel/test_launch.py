@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -330,6 +331,50 @@ def test_tpu_restarts_a_run_sigterm_stopped_on_a_healthy_tpu(checkout, config, t
     assert "no restarts are left" in proc.stderr
     calls = (stub / "calls").read_text()
     assert "tpu-vm create" not in calls and calls.count("jaxtune train") == 2
+
+
+def test_tpu_redeploy_keeps_the_previous_attempts_run_directory(checkout, config, tmp_path):
+    """A restart on the same TPU ships the code again: what the tarball holds is replaced (a file deleted from the
+    checkout goes), a relative output_dir's checkpoints (~/jaxtune/runs/...) stay, so the rerun resumes."""
+    proc = launch(checkout / "launch" / "tpu.sh", "--config", str(config), "--zone", "us-central2-b", "--dry-run")
+    deploy = next(line for line in proc.stdout.splitlines() if "tar -xzf" in line)
+    command = next(a for a in shlex.split(deploy) if a.startswith("--command=")).removeprefix("--command=")
+    install = 'python3 -m pip install -q -e . "jax[tpu]"'
+    assert install in command
+    home = tmp_path / "home"
+    (home / "jaxtune" / "runs" / "demo" / "checkpoints" / "200").mkdir(parents=True)
+    (home / "jaxtune" / "launch").mkdir()
+    (home / "jaxtune" / "launch" / "removed_since.sh").write_text("old")
+    (home / "jaxtune-train.log").write_text("the previous attempt's log")
+    subprocess.run(["git", "-C", str(checkout), "archive", "--format=tar.gz", "--prefix=jaxtune/run/",
+                    f"--add-file={config}", "--prefix=jaxtune/", "-o", str(home / "jaxtune.tar.gz"), "HEAD"],
+                   check=True)  # fmt: skip
+    subprocess.run([BASH, "-c", command.replace(install, "pwd > installed_in")], env={**os.environ, "HOME": str(home)},
+                   check=True)  # fmt: skip
+    assert (home / "jaxtune" / "runs" / "demo" / "checkpoints" / "200").is_dir()
+    assert not (home / "jaxtune" / "launch" / "removed_since.sh").exists()
+    assert (home / "jaxtune" / "launch" / "tpu.sh").is_file() and (home / "jaxtune" / "run" / "demo.yaml").is_file()
+    assert (home / "jaxtune" / "installed_in").read_text().strip() == str(home / "jaxtune")
+    assert not (home / "jaxtune-train.log").exists()
+
+
+@pytest.mark.parametrize("yaml_line, overrides, warned", [
+    ("", [], "runs/default"),
+    ("output_dir: runs/sft_lora  # local\n", [], "runs/sft_lora"),
+    ("output_dir: runs/x\n", ["output_dir=/mnt/gcs/run1"], None),
+    ("output_dir: '/mnt/gcs/a'\n", [], None),
+    ("output_dir: /mnt/gcs/a\n", ["output_dir=out/b"], "out/b"),
+])  # fmt: skip
+def test_tpu_warns_about_a_relative_output_dir(tmp_path, yaml_line, overrides, warned):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"# jaxtune train c.yaml\n{yaml_line}stage: sft\n")
+    proc = launch(TPU, "--config", str(config), "--zone", "us-central2-b", "--dry-run", "--", *overrides)
+    assert proc.returncode == 0, proc.stderr
+    if warned is None:
+        assert "warning" not in proc.stderr, proc.stderr
+    else:
+        assert f"warning: output_dir '{warned}' is relative" in proc.stderr, proc.stderr
+        assert "preempted TPU is recreated without it" in proc.stderr
 
 
 def test_gpu_runs_srun_and_writes_a_valid_sbatch_script(config, tmp_path):

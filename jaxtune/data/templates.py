@@ -191,9 +191,8 @@ def render(
     """Render `messages` (already without the system one) with per-message label weights."""
     system = system if system is not None else t.default_system
     if tools:
-        system = (system or "") + t.tools.replace("{tools}", tool_lines(tools)).replace("{{", "{").replace(
-            "}}", "}"
-        )
+        # the template's own escaped braces first: the tool specs inserted after are JSON, full of "}}"
+        system = (system or "") + t.tools.replace("{{", "{").replace("}}", "}").replace("{tools}", tool_lines(tools))
     parts = [t.fill(t.prefix, "", bos, eos)]
     if system and t.system_in_user is None:
         parts.append(t.fill(t.system, system, bos, eos))

@@ -263,3 +263,24 @@ def test_no_template_is_an_error(base_tok):
 def test_text_records_train_every_token_and_end_with_eos(chatml_tok):
     ids, labels = data.encode(data.Text("Some plain text.", file="t.txt", row=0), chatml_tok)
     assert labels == ids and ids[-1] == chatml_tok.eos_token_id
+
+
+def test_named_template_keeps_nested_tool_schemas_intact(make_tok):
+    """The named qwen template renders a tool whose JSON schema nests objects (`}}}` in the text) exactly as
+    Qwen2.5's own chat template does (tests/data/templates/qwen2_5.jinja): the spec stays valid JSON."""
+    from pathlib import Path
+
+    jinja = (Path(__file__).parent / "templates" / "qwen2_5.jinja").read_text()
+    tok = make_tok(jinja, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather {now}",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
+    msgs = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "Sunny."}]
+    rec = data.Conversation(
+        tuple(data.Message(m["role"], m["content"]) for m in msgs), None, json.dumps(tools), file="t.jsonl", row=0
+    )
+    named, own = data.encode(rec, tok, template="qwen"), data.encode(rec, tok)
+    assert named == own
+    text = tok.decode(named[0])
+    spec = text.split("<tools>\n", 1)[1].split("\n</tools>", 1)[0]
+    assert json.loads(spec) == tools[0]
+    assert text == tok.apply_chat_template(msgs, tools=tools, tokenize=False)

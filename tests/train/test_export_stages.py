@@ -67,6 +67,13 @@ def base(tmp_path_factory):
     return root, hf, files
 
 
+def spread(prompts, completions, answers) -> list[float]:
+    """A GRPO reward that differs between any two different completions: the group-relative advantages are
+    never all zero, so two iterations always move the adapter (a random model's 4-token answers rarely match a
+    reference by even one character, and char_match then rewards every sample 0)."""
+    return [sum(map(ord, c)) / 1000 for c in completions]
+
+
 CASES = {  # name -> (stage, data file, method, extra sections)
     "pt_full": ("pt", "text", {"name": "full"}, {}),
     "sft_full": ("sft", "sft", {"name": "full"}, {}),
@@ -75,7 +82,7 @@ CASES = {  # name -> (stage, data file, method, extra sections)
     "dpo_lora": ("dpo", "pairs", LORA, {}),
     "kto_lora": ("kto", "kto", LORA, {}),
     "ppo_lora": ("ppo", "prompts", LORA, {"ppo": {"reward_fn": "char_match"}}),
-    "grpo_lora": ("grpo", "prompts", LORA, {"grpo": {"reward_fns": ["char_match"], "num_generations": 2},
+    "grpo_lora": ("grpo", "prompts", LORA, {"grpo": {"reward_fns": [f"{__name__}:spread"], "num_generations": 2},
                                             "logging": {**QUIET, "plot": True}}),  # fmt: skip
 }
 

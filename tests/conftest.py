@@ -5,6 +5,13 @@
   `JAX_COMPILATION_CACHE_DIR` set beforehand picks the directory; `JAXTUNE_TEST_XLA_CACHE=0` turns it off.
 - the tokenised-dataset cache (`data.cache`) of every run in the suite, subprocesses included, lives in a fresh
   temporary directory (`JAXTUNE_DATA_CACHE`), never in the home directory; removed at exit.
+- XLA compiles with LLVM's expensive passes off (`FAST_COMPILE`), here and in every run the suite starts in a
+  subprocess: the suite's programs are tiny and compiled once or twice each, so compilation is most of its
+  time, and those passes cost about 30% of the suite's CPU for no measurable gain in running them. Both sides
+  of every comparison run under the same flags (transformers' logits come from torch, untouched).
+  `JAXTUNE_TEST_FAST_COMPILE=0` compiles as a user's run does.
+- pytest-xdist (`-n auto` in pyproject's addopts, whole test files per worker) runs one worker per core, at most
+  `MAX_WORKERS`: each worker is a full interpreter with JAX, torch and transformers, so more would only use memory.
 - a training run points the `jaxtune` logger at its run directory and stops it propagating (no duplicate lines
   under a configured root logger); undo that after each test so `caplog` sees jaxtune's records whatever ran
   before.
@@ -18,6 +25,21 @@ import sys
 import tempfile
 
 import pytest
+
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+MAX_WORKERS = 4
+
+if os.environ.get("JAXTUNE_TEST_FAST_COMPILE", "1") != "0" and "jax" not in sys.modules:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE}".strip()
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core this process may use, at most MAX_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
+
 
 os.environ["JAXTUNE_DATA_CACHE"] = tempfile.mkdtemp(prefix="jaxtune-test-data-cache-")
 atexit.register(shutil.rmtree, os.environ["JAXTUNE_DATA_CACHE"], True)

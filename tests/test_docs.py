@@ -183,7 +183,7 @@ def test_memory_table_row_matches_the_estimate_command(tmp_path):
     text = guide("en", "choosing-a-method").read_text(encoding="utf-8")
     for shape, method, remat in [("7B", "QLoRA NF4 r16", "full"), ("70B", "full, bf16 weights", "none")]:
         (tmp_path / "shape.yaml").write_text(mt.shape_yaml(shape))
-        cmd = [sys.executable, "-m", "jaxtune", *mt.command(shape, method, remat)[2:]]
+        cmd = [sys.executable, "-m", "jaxtune", *mt.command(shape, method, remat)[1:]]
         p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr
         printed = {k.strip(): float(v) for k, v in re.findall(r"^\s+([a-z /()0-9]+?)\s+([\d.]+) GB", p.stdout, re.M)}

@@ -83,12 +83,13 @@ class ModelConfig:
 class DataSource:
     """One dataset in a mixture; a bare string in `data.train` means a path or a dataset_info.json name."""
 
-    path: str | None = None  # file, directory or glob
+    path: str | None = None  # a file, or a directory (every data file under it)
     name: str | None = None  # entry of `data.dataset_dir`/dataset_info.json
     format: str | None = None  # None: auto-detect (alpaca, sharegpt, openai, text, preference, ...)
     ratio: float | None = None  # mixture weight; None: natural size
     columns: dict[str, str] = dataclasses.field(default_factory=dict)  # record field -> column name
     tags: dict[str, str] = dataclasses.field(default_factory=dict)  # e.g. {role_tag: from, user_tag: human}
+    ranking: bool | None = None  # alpaca / sharegpt rows hold chosen/rejected pairs; None: as dataset_info says
     split: str = "train"
     max_samples: int | None = None
 
@@ -222,7 +223,7 @@ class TrainingConfig:
     z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM)
     label_smoothing: float = 0.0
     neftune_alpha: float | None = None  # NEFTune embedding noise; None: off
-    nan_policy: Literal["stop", "skip"] = "stop"  # non-finite loss: save and stop, or skip the step
+    nan_policy: Literal["stop", "skip"] = "stop"  # non-finite loss: stop (naming the last good checkpoint), or skip the update
     loss_chunk_size: int | None = None  # vocab chunk for log-probs; None: auto
     resume: Literal["auto", "never", "must"] = "auto"  # latest checkpoint in output_dir; never: refuse one
     async_checkpointing: bool = True

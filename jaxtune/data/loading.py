@@ -69,11 +69,12 @@ def resolve(source, dataset_dir=None, format: str | None = None) -> Source:
                 reason="not local",
             )
         spec = e.spec
-        if fmt or source.get("columns") or source.get("tags"):
+        if fmt or source.get("columns") or source.get("tags") or source.get("ranking") is not None:
             spec = FormatSpec(
                 fmt or spec.formatting, source.get("ranking", spec.ranking), source.get("columns") or spec.columns,
                 source.get("tags") or spec.tags,
             )  # fmt: skip
+        _text_only(spec, str(Path(dataset_dir) / registry.REGISTRY_FILE), name)
         return Source(
             name, e.path, spec, source.get("split", e.split), num_samples=e.num_samples, **overrides
         )
@@ -96,10 +97,32 @@ def resolve(source, dataset_dir=None, format: str | None = None) -> Source:
         )
         raise DataError(f"not a file ({path.resolve()}), and {where}", file=str(given),
                         reason="missing file")  # fmt: skip
+    if not path.exists():  # here, before anything (the cache's fingerprint) reads it
+        hint = ("; a path is not expanded as a glob: give the directory that holds the files (every data file "
+                "under it is read), or list each file" if any(c in given for c in "*?[") else "")  # fmt: skip
+        raise DataError(f"no such file or directory{hint}", file=str(given), reason="missing file")
     spec = FormatSpec(
         fmt, bool(source.get("ranking", False)), source.get("columns") or {}, source.get("tags") or {}
     )
+    _text_only(spec, str(given), None)
     return Source(given, path, spec, source.get("split", "train"), **overrides)
+
+
+MEDIA_COLUMNS = ("images", "videos", "audios")
+
+
+def _text_only(spec: FormatSpec, file: str, name: str | None) -> None:
+    """A source that maps image / video / audio columns is multimodal data: training its text alone, around
+    the media placeholders, is not what it means. One error saying so, instead of dropping the media."""
+    media = [k for k in MEDIA_COLUMNS if k in spec.columns]
+    if media:
+        where = f"dataset '{name}'" if name else "this source"
+        raise DataError(
+            f"{where} maps the {', '.join(media)} column(s) ({', '.join(repr(spec.columns[k]) for k in media)}): "
+            "jaxtune trains text-only language models and would drop the media, training the text around its "
+            "placeholders as if it were complete; remove the mapping to train on the text alone, or use a text "
+            "dataset", file=file, field=media[0], reason="multimodal data",
+        )  # fmt: skip
 
 
 def iter_records(src: Source, policy: ErrorPolicy | None = None) -> Iterator[Record]:

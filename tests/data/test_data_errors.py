@@ -151,3 +151,47 @@ def test_no_response_to_train_on(chatml_tok):
     rec = data.Conversation((data.Message("user", "q"),), file="f.json", row=7)
     with pytest.raises(DataError, match=r"f\.json, row 7, field 'messages': no assistant turn to train on"):
         data.encode(rec, chatml_tok)
+
+
+def test_a_missing_path_is_one_error_before_the_cache_reads_it(tmp_path):
+    """With the tokenised cache on (the default), the fingerprint used to open the file first: a traceback.
+    Now the source is checked where it is resolved; a glob-looking path says globs are not expanded."""
+    from jaxtune.data import pipeline
+    from jaxtune.demo import char_tokenizer
+
+    for given, says in [(str(tmp_path / "nothere.json"), r"nothere\.json: no such file or directory$"),
+                        (str(tmp_path / "part_*.json"), r"part_\*\.json: no such file or directory; a path is not "
+                                                        r"expanded as a glob: give the directory")]:  # fmt: skip
+        with pytest.raises(DataError, match=says):
+            pipeline.iterators([given], char_tokenizer(), 2, "lm", cache=True, cache_dir=str(tmp_path / "cache"))
+
+
+def test_multimodal_columns_are_refused_not_dropped(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "A cat."}],
+             "images": ["cat.png"]}]  # fmt: skip
+    path = write(tmp_path, "mm.json", json.dumps(rows))
+    with pytest.raises(DataError, match=r"mm\.json.*maps the images column\(s\) \('images'\): jaxtune trains text-only"):
+        data.load({"path": path, "format": "sharegpt", "columns": {"messages": "messages", "images": "images"}})
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"mm": {"file_name": "mm.json", "formatting": "sharegpt",
+                                                                   "columns": {"messages": "messages", "images": "images"}}}))  # fmt: skip
+    with pytest.raises(DataError, match=r"dataset_info\.json.*dataset 'mm' maps the images column"):
+        data.load("mm", dataset_dir=tmp_path)
+    assert len(data.load({"path": path, "format": "sharegpt", "columns": {"messages": "messages"}})) == 1
+
+
+def test_a_config_source_can_say_ranking(tmp_path):
+    """`ranking: true` in a data.train mapping: a ShareGPT preference file named with format sharegpt reads as
+    chosen/rejected pairs (as LLaMA-Factory's dataset_info.json `ranking` does)."""
+    from jaxtune.config import load_config
+    from jaxtune.data.records import Preference
+
+    row = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "good"},
+           "rejected": {"from": "gpt", "value": "bad"}}  # fmt: skip
+    path = write(tmp_path, "sg.json", json.dumps([row]))
+    cfg = load_config({"data": {"train": [{"path": path, "format": "sharegpt", "ranking": True}]}})
+    (rec,) = data.load(cfg.data.train[0])
+    assert isinstance(rec, Preference) and rec.chosen[0].content == "good" and rec.rejected[0].content == "bad"
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"sg": {"file_name": "sg.json", "formatting": "sharegpt"}}))
+    cfg = load_config({"data": {"dataset_dir": str(tmp_path), "train": [{"name": "sg", "ranking": True}]}})
+    (rec,) = data.load(cfg.data.train[0], dataset_dir=str(tmp_path))
+    assert isinstance(rec, Preference)

@@ -181,6 +181,8 @@ def build_run(cfg, *, abstract: bool = False, weights: bool = True) -> Run:
             accum = t.accumulation_steps
             for field, size in (("batch_size", t.batch_size), ("eval_batch_size", t.eval_batch_size or t.batch_size)):
                 check_batch_size(size, mesh, f"training.{field}")
+            if accum > 1:  # each micro-batch is split over the same devices (else its rows are copied to all)
+                check_batch_size(t.micro_batch_size, mesh, "training.micro_batch_size")
             batch_size = t.batch_size
             if jax.process_count() > 1:
                 start, stop = process_batch_slice(t.batch_size, mesh)

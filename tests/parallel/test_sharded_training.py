@@ -288,3 +288,20 @@ def test_checkpoint_from_one_mesh_restores_on_others(eight_devices, tmp_path):
         np.testing.assert_allclose(losses, straight_losses, rtol=TOL, err_msg=str(shape))
         chex.assert_trees_all_close(jax.device_get(continued.trainable), straight, atol=TOL, rtol=0)
     ckpt.close()
+
+
+def test_a_micro_batch_that_does_not_split_over_the_mesh_is_refused(eight_devices, tmp_path):
+    """batch 16 splits over fsdp=8, its accumulation micro-batches of 4 do not: one error naming the field
+    (before, each micro-batch's rows were silently copied to every device)."""
+    from jaxtune.errors import RunError
+    from jaxtune.train.run import build_run
+
+    cfg = load_config({
+        "output_dir": str(tmp_path / "run"), "parallel": {"fsdp": 8},
+        "model": {"tokenizer": "builtin:chars", "random_init": {"model_type": "llama", "hidden_size": 32,
+                  "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}},
+        "data": {"train": ["builtin:demo"]}, "method": {"name": "full"},
+        "training": {"batch_size": 16, "micro_batch_size": 4},
+    })  # fmt: skip
+    with pytest.raises(RunError, match=r"training.micro_batch_size=4 does not split over the 8 batch-parallel devices"):
+        build_run(cfg)

@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     kind = p.add_mutually_exclusive_group()
     kind.add_argument(
         "--adapter", nargs="?", const=True, default=False, metavar="DIR",
-        help="write only the adapter, in PEFT-library format (default without a flag: adapter methods -> adapter, "
-        "full / BitFit / freeze -> HF model)",
+        help="write only the adapter, in PEFT-library format (default without a flag: adapter methods -> adapter; "
+        "full / freeze -> HF model; BitFit -> HF model when the checkpoint has those biases (GPT-2), else its "
+        "adapter, which --merge folds into an HF model with attention_bias / mlp_bias on)",
     )  # fmt: skip
     kind.add_argument(
         "--merge", nargs="?", const=True, default=False, metavar="DIR",

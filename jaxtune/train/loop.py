@@ -135,6 +135,11 @@ def train(run: Run) -> dict:
     writer.close()
     run.state = state
     summary.update(stop_reason=stop_reason, step=int(state.step), best_step=meta.get("best_step"), history=meta["history"])
+    if meta.get("best_step") is not None:
+        summary.update(best_metric=t.best_metric, best_value=meta["best"])
+        kept = ckpt.dir / str(meta["best_step"])
+        log.info("best %s %.4f at step %d%s", t.best_metric, meta["best"], meta["best_step"],
+                 f" (checkpoint {kept})" if kept.is_dir() else " (no checkpoint of that step was kept)")  # fmt: skip
 
     if stop_reason.startswith("signal"):
         interrupted(signals, f"step {int(state.step)}")
@@ -190,7 +195,8 @@ def _early_stop(evaluated: dict, meta: dict, t, step: int) -> bool:
 def _summary_lines(summary: dict, meta: dict) -> list[str]:
     lines = [f"run: {summary['run_dir']}  steps: {summary['step']}/{summary['steps']}  ({summary['stop_reason']})"]
     if meta.get("history"):
-        lines.append(f"eval history ({len(meta['history'])} evals): best {meta['best']:.4f}")
+        at = f" at step {meta['best_step']}" if meta.get("best_step") is not None else ""
+        lines.append(f"eval history ({len(meta['history'])} evals): best {meta['best']:.4f}{at}")
     if "generate_accuracy_after" in summary:
         before = summary.get("generate_accuracy_before")
         before_txt = f"{100 * before:.1f}%" if before is not None else "n/a (resumed)"

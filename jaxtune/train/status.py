@@ -172,7 +172,8 @@ class RunStatus:
         reason = str(summary.get("stop_reason", ""))
         state = "finished" if reason in FINISHED_REASONS else "stopped" if reason.startswith("signal") else "failed"
         step = summary.get("step", (self.status or {}).get("step"))
-        self._end(state, stop_reason=reason, step=step)
+        best = {k: summary[k] for k in ("best_step", "best_metric", "best_value") if summary.get(k) is not None}
+        self._end(state, stop_reason=reason, step=step, **best)  # best_*: which checkpoint to export / compare
         return summary
 
     def __exit__(self, kind, error, tb) -> bool:

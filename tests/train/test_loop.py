@@ -114,6 +114,12 @@ def test_early_stopping_and_keep_best(tmp_path):
     assert summary["best_step"] == 5
     kept = sorted(int(p.name) for p in (Path(cfg.output_dir) / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == [5, 15]
+    # which checkpoint is the best is on record: status.json, train.log, and the printed summary
+    status = json.loads((Path(cfg.output_dir) / "status.json").read_text())
+    assert (status["best_step"], status["best_metric"]) == (5, "eval_loss")
+    assert status["best_value"] == pytest.approx(summary["history"][0])
+    log = (Path(cfg.output_dir) / "train.log").read_text()
+    assert f"best eval_loss {summary['history'][0]:.4f} at step 5 (checkpoint {Path(cfg.output_dir).absolute()}/checkpoints/5)" in log
 
 
 def test_nan_loss_stops_and_names_the_checkpoint(tmp_path):

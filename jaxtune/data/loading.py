@@ -160,10 +160,11 @@ def load(
     source, dataset_dir=None, format: str | None = None, *, on_error: str = "raise", policy=None
 ) -> list[Record]:
     """Normalised records of a source (a path, a name in `dataset_dir/dataset_info.json`, or a source dict)."""
+    own = policy is None  # a caller's policy spans several sources: the caller logs its summary once
     policy = policy or ErrorPolicy(on_error)
     src = resolve(source, dataset_dir, format)
     records = list(iter_records(src, policy))
-    if policy.on_error == "skip":
+    if own and policy.on_error == "skip":
         policy.log_summary()
     if src.num_samples is not None and records:
         # LLaMA-Factory's num_samples: a seeded random subset, or the data repeated and topped up at random.

@@ -37,11 +37,12 @@ def prepare(data_cfg, tokenizer, kind: str, *, seed: int = 0, batch_size: int = 
     items = sum(n for p, n in info.items.items() if p != "eval")
     tokens = sum(n for p, n in info.tokens.items() if p != "eval")
     eval_items, eval_tokens = info.items.get("eval", 0), info.tokens.get("eval", 0)
+    sets = len(info.items) - ("eval" in info.items)  # one per train source
     state = "found (already prepared)" if info.hit else f"built with {info.workers} worker(s)"
     print(f"tokenised cache: {info.dir}", file=out)
     print(f"  {state} on {info.built}, in {info.seconds:.1f} s (this command: {seconds:.1f} s)", file=out)
     print(
-        f"  train: {items} items, {tokens} tokens ({len(info.items) - ('eval' in info.items)} sets)", file=out
+        f"  train: {items} items, {tokens} tokens ({sets} set{'s' if sets != 1 else ''})", file=out
     )
     if "eval" in info.items:
         print(f"  eval: {eval_items} items, {eval_tokens} tokens", file=out)

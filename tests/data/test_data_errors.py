@@ -113,7 +113,23 @@ def test_skip_counts_and_logs(tmp_path, caplog):
     assert policy.skipped == {"malformed JSON": 1, "missing field": 1}
     assert "row 0 (line 1): malformed JSON line" in caplog.text
     assert "row 2 (line 3), field 'output'" in caplog.text
-    assert "skipped 2 records" in caplog.text
+    assert "skipped 2 records" not in caplog.text  # a caller's policy: the caller logs the summary, once
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jaxtune.data"):
+        assert len(data.load(path, on_error="skip")) == 2
+    assert caplog.text.count("skipped 2 records: 1 x malformed JSON, 1 x missing field") == 1
+
+
+def test_skips_over_several_sources_are_summed_up_once(tmp_path, caplog):
+    from jaxtune.data import pipeline
+    from jaxtune.demo import char_tokenizer
+
+    lines = [json.dumps(r) for r in ALPACA]
+    paths = [write(tmp_path, f"{k}.jsonl", "\n".join(["{not json", *lines])) for k in "ab"]
+    with caplog.at_level(logging.WARNING, logger="jaxtune.data"):
+        pipeline.iterators(paths, char_tokenizer(), 2, "lm", on_error="skip", cache=False)
+    summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
+    assert summaries == ["skipped 2 records: 2 x malformed JSON"]
 
 
 def test_unknown_format_names_the_columns(tmp_path):

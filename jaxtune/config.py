@@ -179,6 +179,10 @@ class MethodConfig:
     def __post_init__(self):
         check(self.name not in self.combine, "combine", f"repeats method.name '{self.name}'")
         check(len(set(self.combine)) == len(self.combine), "combine", "lists a method twice")
+        redundant = sorted({"lora", "dora", "ia3"} & {self.name, *self.combine})
+        detail = (f"puts {'/'.join(redundant)} beside full fine-tuning, which already trains every weight they "
+                  "would adapt: use one of them, not both")  # fmt: skip
+        check("full" not in (self.name, *self.combine) or not redundant, "combine", detail)
         positive(self, "rank", "alpha", "adapter_size", "num_virtual_tokens", "loraplus_lr_ratio")
         positive(self, "encoder_hidden_size")
         fraction(self, "dropout", closed=False)

@@ -49,6 +49,8 @@ def one_error(capsys) -> str:
         ("dpo", "lora", "dpo:\n  loss_type: kto\n", "dpo.loss_type", 11, "dpo.loss_type is kto"),
         ("sft", "lora", "training:\n  warmup_steps: 3\n  warmup_ratio: 0.1\n", "training.warmup_steps", 11,
          "training.warmup_steps and training.warmup_ratio are both set"),
+        ("sft", "full\n  combine: [prefix, lora]", "", "method.combine", 8,
+         "method.combine puts lora beside full fine-tuning, which already trains every weight they would adapt"),
     ],
 )  # fmt: skip
 def test_cross_field_error_names_file_key_and_line(tmp_path, capsys, stage, method, extra, key, line, message):

@@ -139,8 +139,9 @@ def estimate(cfg, compile: bool = True) -> dict:
 def main(cfg) -> dict:
     out = estimate(cfg)
     name = cfg.model.path or out["model_type"] + " (random_init)"
+    methods = (cfg.method.name, *cfg.method.combine)
     lines = [
-        f"model {name}: {out['base_params'] / 1e9:.3f} B params; method {cfg.method.name}: "
+        f"model {name}: {out['base_params'] / 1e9:.3f} B params; method {'+'.join(methods)}: "
         f"{out['trainable_params']:,} trainable ({100 * out['trainable_fraction']:.3f}%)",
         *([f"  active per token      {out['active_params'] / 1e9:.3f} B params ({out['experts']} experts)"]
           if out["experts"] else []),

@@ -187,7 +187,7 @@ def test_memory_table_row_matches_the_estimate_command(tmp_path):
         p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr
         printed = {k.strip(): float(v) for k, v in re.findall(r"^\s+([a-z /()0-9]+?)\s+([\d.]+) GB", p.stdout, re.M)}
-        trainable = int(re.search(r"method \w+: ([\d,]+) trainable", p.stdout)[1].replace(",", ""))
+        trainable = int(re.search(r"method [\w+]+: ([\d,]+) trainable", p.stdout)[1].replace(",", ""))
         row = next(line for line in text.splitlines() if line.startswith(f"| {shape} (") and f"| {method} |" in line)
         cells = [c.strip() for c in row.strip("|").split("|")]
         weights = printed["frozen weights"] + printed["trainable weights"]

@@ -62,6 +62,8 @@ def test_cli_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "method full" in out and "optimizer (adamw)" in out and "XLA compiled step" in out
     assert np.isfinite(float(out.split("total / device")[1].split("GB")[0]))
+    assert cli_main(["estimate", str(path), "method.name=lora", "method.combine=[prefix]", "method.target_modules=[c_attn]"]) == 0
+    assert "method lora+prefix: " in capsys.readouterr().out  # a combination is named whole
 
 
 def test_a_gpu_config_estimates_on_cpu_and_counts_flash_attention():
